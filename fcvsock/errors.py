@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ClockSyncError",
     "CommandFailedError",
+    "ConnectFailedError",
     "ConnectionLostError",
     "FcvsockError",
     "FrameTooLargeError",
@@ -18,6 +19,7 @@ __all__ = [
     "IncompleteFrameError",
     "ProtocolError",
     "SessionError",
+    "SessionProtocolError",
     "SessionTimeoutError",
 ]
 
@@ -81,6 +83,18 @@ class HandshakeTimeoutError(FcvsockError, TimeoutError):
         self.last_error = last_error
 
 
+class ConnectFailedError(FcvsockError, ConnectionError):
+    """Connecting to the VMM socket failed in a way that retrying cannot fix.
+
+    Raised for errors such as ``PermissionError`` or a path that is not a
+    socket; the ``OSError`` is chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
 class SessionError(FcvsockError):
     """A command session failed; carries the output received before that.
 
@@ -98,6 +112,14 @@ class SessionError(FcvsockError):
 
 class ConnectionLostError(SessionError, ConnectionError):
     """The connection ended before the agent sent the exit status."""
+
+
+class SessionProtocolError(SessionError, ProtocolError):
+    """The agent broke the frame protocol mid-session.
+
+    The decoder's error is chained as ``__cause__``; the output received
+    before it is kept.
+    """
 
 
 class SessionTimeoutError(SessionError, TimeoutError):

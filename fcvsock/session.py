@@ -1,0 +1,311 @@
+"""State of one exec session, shared by the blocking and the asyncio API.
+
+:class:`SessionCore` owns the socket, the frame decoder and writer, and the
+output not yet consumed.  It does no waiting: the blocking driver polls the
+fd and the asyncio driver registers it with the event loop, and both call
+:meth:`SessionCore.on_readable` and :meth:`SessionCore.flush` when the fd is
+ready.
+
+Memory is bounded in streaming mode: once ``max_buffered`` bytes of output
+wait for the caller, ``wants_read`` turns false, the drivers stop reading the
+socket, and the guest blocks on its full vsock buffer instead of the host
+growing.  ``run`` collects the whole output, which is then as large as the
+output.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from ._core import FrameDecoder, FrameWriter
+from .errors import (
+    CommandFailedError,
+    ConnectionLostError,
+    IncompleteFrameError,
+    ProtocolError,
+    SessionError,
+    SessionProtocolError,
+)
+from .handshake import Handshake
+from .protocol import FrameType, decode_exit
+
+__all__ = [
+    "DEFAULT_MAX_BUFFERED",
+    "ExitStatus",
+    "Output",
+    "RunResult",
+    "SessionCore",
+    "StreamItem",
+]
+
+log = logging.getLogger("fcvsock.session")
+
+DEFAULT_MAX_BUFFERED = 4 * 1024 * 1024
+# One read_fd call stops after this many bytes so a fast guest cannot starve
+# the event loop or push the queue far past max_buffered.
+READ_BUDGET = 1024 * 1024
+# Writers wait for the kernel once this much is queued in user space.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Output:
+    """A chunk of output: ``stream`` is ``"stdout"`` or ``"stderr"``."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the command ended.
+
+    ``exit_code`` is the command's code, or 128+N when signal N killed it
+    (137 on an agent-side timeout).  ``signal`` is N when the agent reported
+    one, else ``None`` (older agents send only the code).
+    """
+
+    exit_code: int
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with code 0."""
+        return self.exit_code == 0
+
+
+StreamItem = Union[Output, ExitStatus]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything a finished command produced."""
+
+    exit_code: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with code 0."""
+        return self.exit_code == 0
+
+    def check(self) -> RunResult:
+        """Return self, or raise :class:`CommandFailedError` if not ok."""
+        if self.exit_code != 0:
+            how = f"signal {self.signal}" if self.signal else f"code {self.exit_code}"
+            raise CommandFailedError(
+                f"run: command exited with {how}, expected 0",
+                self.exit_code,
+                self.signal,
+                self.stdout,
+                self.stderr,
+            )
+        return self
+
+
+_STREAM_NAMES: dict[int, Literal["stdout", "stderr"]] = {
+    FrameType.STDOUT: "stdout",
+    FrameType.STDERR: "stderr",
+}
+
+
+class SessionCore:
+    """Socket, frame core and pending output of one session."""
+
+    def __init__(
+        self,
+        handshake: Handshake,
+        *,
+        collect: bool = False,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
+    ) -> None:
+        if max_buffered <= 0:
+            raise ValueError(f"session: max_buffered must be positive, got {max_buffered}")
+        self.sock: socket.socket | None = handshake.sock
+        self.fd = handshake.sock.fileno()
+        self.host_port = handshake.host_port
+        self.decoder = FrameDecoder()
+        self.writer = FrameWriter()
+        self.collect = collect
+        self.max_buffered = max_buffered
+        self.queue: deque[Output] = deque()
+        self.buffered = 0
+        self.stdout_parts: list[bytes] = []
+        self.stderr_parts: list[bytes] = []
+        self.exit_status: ExitStatus | None = None
+        # Why the session ended without an exit status: the exception
+        # class, its message and its cause.  The exception itself is built
+        # when raised, so it carries the output not yet consumed by then.
+        self.failure: tuple[type[SessionError], str, BaseException | None] | None = None
+        self.write_error: OSError | None = None
+        if handshake.initial_data:
+            self._feed(handshake.initial_data)
+
+    @property
+    def finished(self) -> bool:
+        """True once the exit status or a terminal error is known."""
+        return self.exit_status is not None or self.failure is not None
+
+    @property
+    def wants_read(self) -> bool:
+        """True while the socket should be read."""
+        if self.finished or self.sock is None:
+            return False
+        return self.collect or self.buffered < self.max_buffered
+
+    @property
+    def pending_writes(self) -> int:
+        """Bytes queued for the guest and not yet taken by the kernel."""
+        return self.writer.pending
+
+    def on_readable(self) -> None:
+        """Read what the socket has and turn it into output or a result."""
+        while self.wants_read:
+            try:
+                frames = self.decoder.read_fd(self.fd, READ_BUDGET)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            except OSError as exc:
+                self._lose(f"read from guest failed: {exc}", exc)
+                return
+            if frames:
+                self._handle(frames)
+            elif self.decoder.at_eof:
+                self._end_of_stream()
+                return
+            else:
+                # EAGAIN with nothing new: wait for the next readable event.
+                return
+
+    def send(self, frame_type: int, payload: bytes = b"") -> None:
+        """Queue one frame for the guest; raise if the guest stopped reading."""
+        if self.write_error is not None or self.sock is None:
+            reason = self.write_error or "connection closed"
+            raise self.make_error(
+                ConnectionLostError, f"send to guest failed: {reason}", self.write_error
+            )
+        self.writer.write(frame_type, payload)
+
+    def flush(self) -> int:
+        """Write queued frames until EAGAIN; return the bytes still queued.
+
+        A write error is kept, not raised: the guest may still deliver its
+        output and exit status, so the read side goes on.
+        """
+        if self.write_error is not None or self.sock is None:
+            return 0
+        try:
+            return self.writer.flush(self.fd)
+        except OSError as exc:
+            self.write_error = exc
+            self.writer = FrameWriter()
+            return 0
+
+    def pop(self) -> Output | None:
+        """Return the oldest unconsumed output chunk, or None."""
+        if not self.queue:
+            return None
+        item = self.queue.popleft()
+        self.buffered -= len(item.data)
+        return item
+
+    def result(self) -> RunResult:
+        """Return the collected output with the exit status."""
+        assert self.exit_status is not None
+        return RunResult(
+            self.exit_status.exit_code,
+            self.exit_status.signal,
+            b"".join(self.stdout_parts),
+            b"".join(self.stderr_parts),
+        )
+
+    def error(self) -> SessionError:
+        """Build the exception for the failure, with the output not consumed."""
+        assert self.failure is not None
+        cls, reason, cause = self.failure
+        return self.make_error(cls, reason, cause)
+
+    def make_error(
+        self,
+        cls: type[SessionError],
+        reason: str,
+        cause: BaseException | None = None,
+    ) -> SessionError:
+        """Build a ``cls`` error naming this session, with partial output."""
+        stdout, stderr = self.partial_output()
+        error = cls(f"session on host port {self.host_port}: {reason}", stdout, stderr)
+        error.__cause__ = cause
+        return error
+
+    def partial_output(self) -> tuple[bytes, bytes]:
+        """Return the output received and not yet handed to the caller."""
+        stdout = list(self.stdout_parts)
+        stderr = list(self.stderr_parts)
+        for item in self.queue:
+            (stdout if item.stream == "stdout" else stderr).append(item.data)
+        return b"".join(stdout), b"".join(stderr)
+
+    def close(self) -> None:
+        """Close the socket; safe to call more than once."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        if not self.finished:
+            self.failure = (ConnectionLostError, "connection closed by the caller", None)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        self._handle(frames)
+
+    def _handle(self, frames: list[tuple[int, bytes]]) -> None:
+        for frame_type, payload in frames:
+            if self.exit_status is not None:
+                break
+            stream = _STREAM_NAMES.get(frame_type)
+            if stream is not None:
+                if payload:
+                    self._deliver(stream, payload)
+            elif frame_type == FrameType.EXIT:
+                try:
+                    code, signal = decode_exit(payload)
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    return
+                self.exit_status = ExitStatus(code, signal)
+            else:
+                log.debug("ignoring frame of unknown type 0x%02x", frame_type)
+
+    def _deliver(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
+        if self.collect:
+            parts = self.stdout_parts if stream == "stdout" else self.stderr_parts
+            parts.append(data)
+        else:
+            self.queue.append(Output(stream, data))
+            self.buffered += len(data)
+
+    def _end_of_stream(self) -> None:
+        try:
+            self.decoder.feed_eof()
+        except IncompleteFrameError as exc:
+            self._lose(f"connection closed mid-frame: {exc}", exc)
+            return
+        self._lose("connection closed before the exit status", None)
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.failure is None:
+            self.failure = (SessionProtocolError, str(exc), exc)
+
+    def _lose(self, reason: str, cause: BaseException | None) -> None:
+        if self.failure is None:
+            self.failure = (ConnectionLostError, reason, cause)
