@@ -1,0 +1,289 @@
+"""The ``fcvsock`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+from . import aio
+from .errors import FcvsockError, SessionTimeoutError
+from .handshake import DEFAULT_CONNECT_TIMEOUT
+from .protocol import AGENT_PORT
+from .session import ExitStatus
+
+__all__ = ["main"]
+
+# Exit statuses of fcvsock itself, apart from the remote command's own.
+EXIT_TIMEOUT = 124
+EXIT_FAILURE = 255
+
+_EPILOG = """\
+exit status: the remote command's (128+N when signal N killed it);
+124 when --timeout expired; 255 when fcvsock itself failed
+(socket missing, guest not ready, protocol error)."""
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", type=int, default=AGENT_PORT,
+        help=f"guest vsock port of the agent (default {AGENT_PORT})",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="S",
+        help="seconds to keep retrying while the VM or agent is not ready "
+        f"(default {DEFAULT_CONNECT_TIMEOUT:g})",
+    )
+
+
+def _add_command_options(parser: argparse.ArgumentParser, split: bool) -> None:
+    parser.add_argument(
+        "--local", action="store_true",
+        help="start a throwaway local stand-in VM and run the command there "
+        "(instead of UDS)",
+    )
+    _add_connection_options(parser)
+    parser.add_argument(
+        "--timeout", type=float, default=None, metavar="S",
+        help="host-side deadline in seconds for the whole command (default none)",
+    )
+    parser.add_argument(
+        "--remote-timeout", type=int, default=0, metavar="S",
+        help="seconds after which the agent kills the command's process group "
+        "(default 0: never)",
+    )
+    parser.add_argument(
+        "-e", "--env", action="append", default=[], metavar="K=V",
+        help="set an environment variable for the command (repeatable)",
+    )
+    parser.add_argument("--cwd", default="", metavar="DIR", help="working directory")
+    parser.add_argument("--user", default="", help="user name or uid[:gid] to run as")
+    parser.add_argument(
+        "-t", "--tty", action="store_true",
+        help="run under a pseudo-terminal (stdout and stderr merge)",
+    )
+    parser.add_argument(
+        # With '--' on the line the command was cut off already, so options
+        # may follow UDS; without it, everything after UDS is the command.
+        "words", nargs="*" if split else argparse.REMAINDER,
+        metavar="UDS -- CMD ...",
+        help="the VM's vsock Unix socket (Firecracker's uds_path), then the "
+        "command and its arguments",
+    )
+
+
+def _build_parser(split: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcvsock",
+        description="Run commands in Firecracker / Cloud Hypervisor microVMs "
+        "through the guest agent on vsock port 52.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run a command and stream its output", epilog=_EPILOG,
+        description="Run CMD in the guest, stream its stdout and stderr here, "
+        "forward stdin when it is not a terminal, and exit with its status.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_command_options(run, split)
+
+    exec_ = commands.add_parser(
+        "exec", help="start an interactive command", epilog=_EPILOG,
+        description="Start CMD in the guest and forward this terminal's stdin "
+        "to it as it is typed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_command_options(exec_, split)
+
+    sync = commands.add_parser(
+        "sync-clock", help="set guest wall clocks to this host's time",
+        description="Set each guest's wall clock to this host's time, as needed "
+        "after restoring a snapshot.",
+    )
+    sync.add_argument("uds_paths", nargs="+", metavar="UDS")
+    _add_connection_options(sync)
+
+    commands.add_parser(
+        "local-vm", help="serve a local stand-in VM at a socket path", add_help=False
+    )
+    commands.add_parser(
+        "agent", help="run the guest agent (inside a VM)", add_help=False
+    )
+    return parser
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fcvsock: invalid --env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _split_target(args: argparse.Namespace, cmd: list[str] | None) -> None:
+    """Set ``args.uds_path`` and ``args.cmd`` from the positional words."""
+    words = list(args.words)
+    if cmd is None:
+        cmd = words[0 if args.local else 1:]
+        words = words[:0 if args.local else 1]
+    if args.local:
+        if words:
+            raise SystemExit(f"fcvsock: give either --local or UDS, not both: {words[0]!r}")
+        args.uds_path = None
+    elif len(words) != 1:
+        raise SystemExit("fcvsock: expected one UDS path before '--', or --local")
+    else:
+        args.uds_path = words[0]
+    if not cmd:
+        raise SystemExit("fcvsock: missing command: give it after '--'")
+    args.cmd = cmd
+
+
+@contextlib.contextmanager
+def _target(args: argparse.Namespace) -> Iterator[str]:
+    """Yield the socket path, starting a throwaway stand-in VM for --local."""
+    if not args.local:
+        yield args.uds_path
+        return
+    from .localvm import LocalVM
+
+    with tempfile.TemporaryDirectory(prefix="fcvsock-") as state_dir:
+        with LocalVM(os.path.join(state_dir, "vm.sock")) as vm:
+            yield os.fspath(vm.uds_path)
+
+
+def _exit_code(status: ExitStatus) -> int:
+    if status.signal:
+        return 128 + status.signal
+    return status.exit_code & 0xFF
+
+
+async def _forward_stdin(session: aio.AsyncExecSession) -> None:
+    """Copy this process's stdin to the command, then send EOF."""
+    while True:
+        chunk = await asyncio.to_thread(os.read, sys.stdin.fileno(), 65536)
+        if not chunk:
+            break
+        await session.write(chunk)
+    await session.close_stdin()
+
+
+def _write_output(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+async def _run_session(args: argparse.Namespace, uds_path: str, forward: bool) -> int:
+    tty_size = None
+    if args.tty:
+        with contextlib.suppress(OSError):
+            tty_size = tuple(os.get_terminal_size(sys.stdout.fileno()))
+    env = _parse_env(args.env)
+    async with aio.exec(
+        uds_path, args.cmd, env=env, cwd=args.cwd, user=args.user,
+        tty=args.tty, tty_size=tty_size, timeout_seconds=args.remote_timeout,
+        timeout=args.timeout, connect_timeout=args.connect_timeout, port=args.port,
+    ) as session:
+        feeder = None
+        if forward:
+            feeder = asyncio.create_task(_forward_stdin(session))
+        else:
+            await session.close_stdin()
+        try:
+            async for chunk in session:
+                fd = 1 if chunk.stream == "stdout" else 2
+                _write_output(fd, chunk.data)
+            status = await session.wait()
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FcvsockError, OSError):
+                    await feeder
+    return _exit_code(status)
+
+
+def _command_main(args: argparse.Namespace) -> int:
+    interactive = args.command == "exec"
+    forward = interactive or not os.isatty(sys.stdin.fileno())
+    started = time.monotonic()
+    try:
+        with _target(args) as uds_path:
+            return asyncio.run(_run_session(args, uds_path, forward))
+    except SessionTimeoutError as exc:
+        _report(args, exc, started)
+        return EXIT_TIMEOUT
+    except (FcvsockError, OSError) as exc:
+        _report(args, exc, started)
+        return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace, exc: BaseException, started: float) -> None:
+    elapsed = time.monotonic() - started
+    where = "local VM" if getattr(args, "local", False) else args.uds_path
+    print(f"fcvsock: {where}: {exc} (after {elapsed:.1f} s)", file=sys.stderr)
+
+
+def _sync_clock_main(args: argparse.Namespace) -> int:
+    async def sync_one(uds_path: str) -> tuple[str, BaseException | None]:
+        try:
+            await aio.sync_clock(
+                uds_path, port=args.port, connect_timeout=args.connect_timeout
+            )
+        except (FcvsockError, OSError) as exc:
+            return uds_path, exc
+        return uds_path, None
+
+    async def sync_all() -> list[tuple[str, BaseException | None]]:
+        return await asyncio.gather(*(sync_one(path) for path in args.uds_paths))
+
+    failures = 0
+    for uds_path, error in asyncio.run(sync_all()):
+        if error is None:
+            print(f"{uds_path}: clock synced")
+        else:
+            failures += 1
+            print(f"fcvsock: {uds_path}: {error}", file=sys.stderr)
+    return EXIT_FAILURE if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fcvsock`` command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "local-vm":
+        from .localvm import main as local_vm_main
+
+        return local_vm_main(argv[1:])
+    if argv and argv[0] == "agent":
+        from .agent import main as agent_main
+
+        return agent_main(argv[1:])
+    cmd = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, cmd = argv[:split], argv[split + 1:]
+    args = _build_parser(cmd is not None).parse_args(argv)
+    if args.command in ("run", "exec"):
+        _split_target(args, cmd)
+        return _command_main(args)
+    if cmd is not None:
+        raise SystemExit(f"fcvsock {args.command}: unexpected '--'")
+    return _sync_clock_main(args)
+
+
+def entry_point() -> None:
+    """Console-script entry: exit with :func:`main`'s status."""
+    # Output to a closed pipe (``fcvsock run ... | head``) ends quietly.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
