@@ -117,6 +117,9 @@ def _build_parser(split: bool = False) -> argparse.ArgumentParser:
     commands.add_parser(
         "agent", help="run the guest agent (inside a VM)", add_help=False
     )
+    commands.add_parser(
+        "fanout", help="run one command on many VMs at once", add_help=False
+    )
     return parser
 
 
@@ -269,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .agent import main as agent_main
 
         return agent_main(argv[1:])
+    if argv and argv[0] == "fanout":
+        from .fanout import main as fanout_main
+
+        return fanout_main(argv[1:])
     cmd = None
     if "--" in argv:
         split = argv.index("--")
