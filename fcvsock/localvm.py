@@ -1,0 +1,580 @@
+"""A local stand-in for a microVM: the VMM's hybrid-vsock socket and an agent.
+
+The muxer (:mod:`fcvsock.muxer`) runs on its own asyncio loop in a background
+thread, so blocking and asyncio code can drive the same VM.  The reference
+agent runs as a child process in its own session, with its sockets and clock
+file in a private temporary directory; port 52 reaches it.
+
+Run ``python -m fcvsock.localvm PATH`` to serve one until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from types import FrameType, TracebackType
+from typing import Any, Self, TypeVar
+
+from .errors import FcvsockError
+from .muxer import (
+    DEFAULT_MAX_CONNECTIONS,
+    GARBAGE_REPLIES,
+    AgentLink,
+    Faults,
+    Muxer,
+    Parser,
+    Reply,
+)
+from .protocol import AGENT_PORT
+
+__all__ = [
+    "GARBAGE_REPLIES",
+    "Faults",
+    "LocalVM",
+    "LocalVMError",
+    "Parser",
+    "Reply",
+    "main",
+]
+
+logger = logging.getLogger("fcvsock.localvm")
+
+_T = TypeVar("_T")
+_READY_LINE = b"ready\n"
+_CALL_TIMEOUT = 10.0
+_AGENT_STOP_TIMEOUT = 5.0
+
+
+class LocalVMError(FcvsockError):
+    """The stand-in VM could not start or its agent failed."""
+
+
+class LocalVM:
+    """The VMM side of a hybrid-vsock socket at ``uds_path``, with an agent.
+
+    ``parser`` is ``"firecracker"`` (one-shot command parsing) or
+    ``"cloud-hypervisor"`` (waits for a split line).  For ``boot_delay``
+    seconds after :meth:`start` returns, nothing listens on port 52, so
+    connections to it get EOF before any reply.  ``max_connections`` live
+    connections are served; more are accepted and closed at once.  With
+    ``agent=False`` no agent runs and port 52 is served only through
+    :meth:`listen`.  ``max_sessions``, ``default_cwd`` and ``agent_log_level``
+    are passed to the agent; ``agent_command`` replaces the command that
+    starts it (``python -m fcvsock.agent``).
+
+    Switch faults at run time through :attr:`faults` (a
+    :class:`~fcvsock.muxer.Faults`) and the scenario methods.  Every method
+    is safe to call from any thread except the VM's own loop thread.
+    """
+
+    def __init__(
+        self,
+        uds_path: str | os.PathLike[str],
+        *,
+        parser: Parser | str = Parser.FIRECRACKER,
+        boot_delay: float = 0.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        agent: bool = True,
+        max_sessions: int | None = None,
+        default_cwd: str | None = None,
+        agent_log_level: str | None = None,
+        agent_command: Sequence[str] | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.faults = Faults()
+        self._muxer = Muxer(
+            os.fspath(uds_path),
+            parser=parser,
+            max_connections=max_connections,
+            faults=self.faults,
+        )
+        self._boot_delay = boot_delay
+        self._with_agent = agent
+        self._agent_options = _agent_options(max_sessions, default_cwd, agent_log_level)
+        self._agent_command = (
+            list(agent_command)
+            if agent_command is not None
+            else [sys.executable, "-m", "fcvsock.agent"]
+        )
+        self._start_timeout = start_timeout
+        self._state_dir: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._agent: subprocess.Popen[bytes] | None = None
+        self._bind_later: concurrent.futures.Future[None] | None = None
+        self._snapshot_ns: int | None = None
+
+    # Life cycle.
+
+    def start(self, *, create_socket_after: float | None = 0.0) -> Self:
+        """Start the loop thread and the agent, then create the socket file.
+
+        Returns once the agent is ready.  ``create_socket_after`` delays the
+        socket file by that many seconds after this returns; ``None`` leaves
+        it absent until :meth:`create_socket`.
+        """
+        if self._loop is not None:
+            raise LocalVMError("local vm: start: already started")
+        try:
+            self._state_dir = tempfile.mkdtemp(prefix="fcvsock-localvm-")
+            self._start_loop()
+            if self._with_agent:
+                self._start_agent()
+            self._open_socket(create_socket_after)
+        except BaseException:
+            self.close()
+            raise
+        if self._boot_delay > 0:
+            self.refuse_for(self._boot_delay, AGENT_PORT)
+        return self
+
+    def create_socket(self) -> None:
+        """Create the socket file now, if it does not exist yet."""
+        self._run(self._muxer.bind())
+
+    def close(self) -> None:
+        """Close every connection, stop the agent and remove the socket file.
+
+        Ends only the agent process this VM started and waits for it.  Safe
+        to call more than once.
+        """
+        if self._bind_later is not None:
+            self._bind_later.cancel()
+            self._bind_later = None
+        try:
+            if self._loop is not None:
+                self._run(self._muxer.close())
+        finally:
+            self._stop_agent()
+            self._stop_loop()
+            if self._state_dir is not None:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+                self._state_dir = None
+
+    def __enter__(self) -> Self:
+        if self._loop is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        if self._loop is None:
+            await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    # What tests look at.
+
+    @property
+    def uds_path(self) -> str:
+        """Path of the hybrid-vsock socket file."""
+        return self._muxer.uds_path
+
+    @property
+    def connections(self) -> int:
+        """Live guest connections, relayed or handed off to the agent."""
+        return self._muxer.connections
+
+    @property
+    def host_ports_assigned(self) -> list[int]:
+        """Every host port assigned so far, in order."""
+        return list(self._muxer.host_ports_assigned)
+
+    @property
+    def agent_pid(self) -> int | None:
+        """Process id of the agent, while it runs."""
+        return self._agent.pid if self._agent is not None else None
+
+    @property
+    def agent_unix_path(self) -> str | None:
+        """The agent's own stream listener, which skips the handshake."""
+        return self._state_path("agent.sock") if self._with_agent else None
+
+    @property
+    def agent_data_path(self) -> str:
+        """``"handoff"`` (the default) or ``"relay"`` for new port 52 streams."""
+        return self._muxer.agent_data_path
+
+    @agent_data_path.setter
+    def agent_data_path(self, value: str) -> None:
+        if value not in ("handoff", "relay"):
+            raise ValueError(
+                f"agent data path: expected 'handoff' or 'relay', got {value!r}"
+            )
+        self._muxer.agent_data_path = value
+
+    def guest_time_ns(self) -> int:
+        """The guest's wall clock in nanoseconds since the epoch.
+
+        The agent's clock file stores ``realtime_ns`` and the
+        ``CLOCK_MONOTONIC`` reading ``monotonic_ns`` it was set at; the clock
+        runs on from there.  Before the file exists it is the host's clock,
+        and between :meth:`snapshot` and :meth:`restore` it stands still.
+        """
+        if self._snapshot_ns is not None:
+            return self._snapshot_ns
+        try:
+            with open(self._state_path("clock.json"), "rb") as clock_file:
+                document = json.load(clock_file)
+            realtime_ns = int(document["realtime_ns"])
+            monotonic_ns = int(document["monotonic_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return time.time_ns()
+        return realtime_ns + time.monotonic_ns() - monotonic_ns
+
+    # Guest ports and scenarios.
+
+    def listen(self, guest_port: int, unix_path: str | os.PathLike[str]) -> None:
+        """Relay connections to ``guest_port`` to a Unix stream listener."""
+        path = os.fspath(unix_path)
+
+        def register() -> None:
+            self._muxer.listeners[guest_port] = path
+
+        self._on_loop(register)
+
+    def unlisten(self, guest_port: int) -> None:
+        """Stop serving ``guest_port`` through :meth:`listen`."""
+
+        def unregister() -> None:
+            self._muxer.listeners.pop(guest_port, None)
+
+        self._on_loop(unregister)
+
+    def refuse_for(self, seconds: float, guest_port: int = AGENT_PORT) -> None:
+        """Let nothing listen on ``guest_port`` for ``seconds`` from now.
+
+        Connections to it get EOF before any reply, as when the guest
+        service is not up yet.
+        """
+        until = time.monotonic() + seconds
+
+        def refuse() -> None:
+            self._muxer.refuse_until[guest_port] = until
+
+        self._on_loop(refuse)
+
+    def snapshot(self) -> int:
+        """Take a snapshot; return the guest time it was taken at, in ns.
+
+        Every relayed stream goes silent: the guest side is reset, the host
+        side sees nothing until it writes, and is then closed.  Connections
+        handed off to the agent are not affected, so set
+        :attr:`agent_data_path` to ``"relay"`` first to include port 52.
+        New connections wait, unanswered, until :meth:`restore`.
+        """
+        taken_ns = self.guest_time_ns()
+        self._run(self._muxer.snapshot())
+        self._snapshot_ns = taken_ns
+        return taken_ns
+
+    def restore(self, *, hang: float = 0.0) -> None:
+        """Resume after :meth:`snapshot` with the guest clock at snapshot time.
+
+        Connections that arrive in the next ``hang`` seconds, and those that
+        waited since the snapshot, get no reply until then.
+        """
+        if self._snapshot_ns is None:
+            raise LocalVMError("local vm: restore: no snapshot was taken")
+        self._write_clock(self._snapshot_ns)
+        self._snapshot_ns = None
+        self._run(self._muxer.restore(hang))
+
+    def abort(
+        self, guest_port: int | None = None, *, unread_host_bytes: bool = False
+    ) -> int:
+        """Close live relayed streams abruptly; return how many were closed.
+
+        Bytes already sent to the host stay readable, then the host sees
+        EOF.  With ``unread_host_bytes`` the VM instead waits until the host
+        writes and closes without reading that, so the host's next read
+        fails with ``ECONNRESET`` after the remaining bytes.
+        """
+        return self._run(self._muxer.abort(guest_port, unread=unread_host_bytes))
+
+    # Internals.
+
+    def _state_path(self, name: str) -> str:
+        if self._state_dir is None:
+            raise LocalVMError("local vm: not started")
+        return os.path.join(self._state_dir, name)
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name="fcvsock-localvm", daemon=True
+        )
+        self._loop = loop
+        self._thread = thread
+        thread.start()
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
+            return
+        if thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+        loop.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        if self._loop is None:
+            coroutine.close()
+            raise LocalVMError("local vm: not started")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(_CALL_TIMEOUT)
+
+    def _on_loop(self, action: Callable[[], object]) -> None:
+        if self._loop is None:
+            action()
+            return
+
+        async def call() -> None:
+            action()
+
+        self._run(call())
+
+    def _open_socket(self, create_socket_after: float | None) -> None:
+        if create_socket_after is None:
+            return
+        if create_socket_after <= 0:
+            self.create_socket()
+            return
+        assert self._loop is not None
+        self._bind_later = asyncio.run_coroutine_threadsafe(
+            self._bind_after(create_socket_after), self._loop
+        )
+
+    async def _bind_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self._muxer.bind()
+        except OSError as exc:
+            logger.error("local vm: create socket %s failed: %s", self.uds_path, exc)
+
+    def _write_clock(self, realtime_ns: int) -> None:
+        path = self._state_path("clock.json")
+        document = {"realtime_ns": realtime_ns, "monotonic_ns": time.monotonic_ns()}
+        with open(path + ".tmp", "w", encoding="utf-8") as clock_file:
+            json.dump(document, clock_file)
+        # The agent may read the file at any time; replace it in one step.
+        os.replace(path + ".tmp", path)
+
+    def _start_agent(self) -> None:
+        handoff_path = self._state_path("handoff.sock")
+        unix_path = self._state_path("agent.sock")
+        read_fd, write_fd = os.pipe()
+        try:
+            command = [
+                *self._agent_command,
+                "--handoff", handoff_path,
+                "--unix", unix_path,
+                "--clock", f"virtual:{self._state_path('clock.json')}",
+                "--ready-fd", str(write_fd),
+                *self._agent_options,
+            ]  # fmt: skip
+            self._agent = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(write_fd,),
+                env=_agent_environment(),
+                # Ctrl-C in a terminal then reaches this process only, which
+                # stops the agent itself.
+                start_new_session=True,
+            )
+            os.close(write_fd)
+            write_fd = -1
+            _wait_ready(read_fd, self._agent, self._start_timeout)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+        self._run(self._muxer.attach_agent(AgentLink(handoff_path, unix_path)))
+
+    def _stop_agent(self) -> None:
+        process, self._agent = self._agent, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(_AGENT_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            logger.warning(
+                "local vm: agent pid %d ignored SIGTERM for %.0f s, killing it",
+                process.pid,
+                _AGENT_STOP_TIMEOUT,
+            )
+            process.kill()
+            process.wait()
+
+
+def _agent_options(
+    max_sessions: int | None, default_cwd: str | None, log_level: str | None
+) -> list[str]:
+    options: list[str] = []
+    if max_sessions is not None:
+        options += ["--max-sessions", str(max_sessions)]
+    if default_cwd is not None:
+        options += ["--default-cwd", default_cwd]
+    if log_level is not None:
+        options += ["--log-level", log_level]
+    return options
+
+
+def _agent_environment() -> dict[str, str]:
+    # The agent must import this same fcvsock, installed or not.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = (
+        package_parent if not existing else package_parent + os.pathsep + existing
+    )
+    return env
+
+
+def _wait_ready(
+    read_fd: int, process: subprocess.Popen[bytes], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    received = b""
+    while not received.endswith(_READY_LINE):
+        remaining = deadline - time.monotonic()
+        readable, _, _ = select.select([read_fd], [], [], max(0.0, remaining))
+        if not readable:
+            raise LocalVMError(
+                f"local vm: start agent: not ready after {timeout:g} s "
+                f"(pid {process.pid})"
+            )
+        chunk = os.read(read_fd, 64)
+        if not chunk:
+            raise LocalVMError(
+                f"local vm: start agent: it closed the ready fd without writing "
+                f"{_READY_LINE!r}; exit status {_exit_status(process)}"
+            )
+        received += chunk
+
+
+def _exit_status(process: subprocess.Popen[bytes]) -> str:
+    try:
+        return str(process.wait(1.0))
+    except subprocess.TimeoutExpired:
+        return "none (still running)"
+
+
+# Command line.
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcvsock local-vm",
+        description=(
+            "Serve a local stand-in microVM: the VMM's hybrid-vsock socket at "
+            "PATH, with the reference agent on guest port 52."
+        ),
+    )
+    parser.add_argument("path", metavar="PATH", help="socket file to create")
+    parser.add_argument(
+        "--parser",
+        choices=[member.value for member in Parser],
+        default=Parser.FIRECRACKER.value,
+        help="how the CONNECT line is parsed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--boot-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds during which nothing listens on port 52 (default: 0)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="live connections served; more are closed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sessions the agent runs at once (default: the agent's own)",
+    )
+    return parser
+
+
+def _raise_stop(signal_number: int, frame: FrameType | None) -> None:
+    raise _StopRequested(signal.Signals(signal_number).name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fcvsock local-vm PATH [options]`` until SIGINT or SIGTERM."""
+    args = _build_parser().parse_args(argv)
+    vm = LocalVM(
+        args.path,
+        parser=args.parser,
+        boot_delay=args.boot_delay,
+        max_connections=args.max_connections,
+        max_sessions=args.max_sessions,
+    )
+    previous = {
+        number: signal.signal(number, _raise_stop)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        vm.start()
+        print(
+            f"local-vm: listening on {vm.uds_path} (parser {args.parser}, "
+            f"agent pid {vm.agent_pid}); stop with Ctrl-C",
+            flush=True,
+        )
+        while True:
+            signal.pause()
+    except _StopRequested:
+        return 0
+    except (LocalVMError, OSError) as exc:
+        print(f"fcvsock local-vm: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # A second signal must not interrupt the cleanup.
+        for number in previous:
+            signal.signal(number, signal.SIG_IGN)
+        vm.close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
