@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import re
 import select
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,15 +39,16 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "Handshake",
     "check_guest_port",
-    "connect_blocking",
+    "check_timeout",
     "connect_async",
+    "connect_blocking",
 ]
 
 log = logging.getLogger("fcvsock.handshake")
 
 DEFAULT_CONNECT_TIMEOUT = 30.0
-# Firecracker considers at most 32 bytes of a CONNECT line; a reply cannot be
-# longer than "OK 4294967295\n" (14 bytes), so 32 is a generous cap.
+# Firecracker considers at most 32 bytes of a CONNECT line.  A valid reply is
+# at most "OK 4294967295\n" (14 bytes), so error messages quote 32 bytes.
 MAX_REPLY = 32
 # Enough to take the reply and a few guest frames in one recv.
 _RECV_SIZE = 64 * 1024
@@ -93,6 +96,15 @@ def check_guest_port(port: int) -> int:
     return port
 
 
+def check_timeout(timeout: float) -> float:
+    """Return ``timeout`` if it is a number of seconds >= 0, else raise."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"connect: timeout must be a number, got {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"connect: timeout must be >= 0 seconds, got {timeout}")
+    return timeout
+
+
 def _connect_line(port: int) -> bytes:
     return b"CONNECT %d\n" % port
 
@@ -101,11 +113,12 @@ def _parse_reply(received: bytes) -> tuple[int, bytes] | None:
     """Return ``(host_port, rest)`` once the reply is complete, else None."""
     newline = received.find(b"\n", 0, MAX_REPLY)
     if newline < 0:
-        if len(received) >= MAX_REPLY:
+        # Another service may send a banner and then wait, so reject the
+        # reply as soon as its bytes can no longer become a valid one.
+        if not _OK_PREFIX.fullmatch(received):
+            shown = received[:MAX_REPLY]
             raise HandshakeError(
-                f"handshake: expected 'OK <port>\\n' within {MAX_REPLY} bytes, "
-                f"got {received[:MAX_REPLY]!r} without a newline",
-                received[:MAX_REPLY],
+                f"handshake: expected 'OK <port>\\n', got {shown!r}", shown
             )
         return None
     line = received[: newline + 1]
@@ -150,9 +163,29 @@ def _give_up(
 def _fatal_connect_error(
     uds_path: str, exc: OSError, attempts: int
 ) -> ConnectFailedError:
-    error = ConnectFailedError(f"connect to {uds_path}: {exc}", attempts)
+    reason = exc.strerror or str(exc)
+    error = ConnectFailedError(f"connect to {uds_path}: {reason}", attempts)
     error.__cause__ = exc
     return error
+
+
+def _not_a_socket(path: str) -> OSError | None:
+    """Return an error if ``path`` exists and is not a socket, else None.
+
+    Linux fails ``connect`` on a regular file or a directory with the same
+    ECONNREFUSED as on a stale socket file, but only the latter can start
+    working later.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(mode) else "a regular file"
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        kind = "a special file"
+    return OSError(errno.ENOTSOCK, f"path is {kind}, not a socket", path)
 
 
 def _new_socket() -> socket.socket:
@@ -178,6 +211,7 @@ def connect_blocking(
     """
     path = os.fspath(uds_path)
     check_guest_port(port)
+    check_timeout(timeout)
     deadline = time.monotonic() + timeout
     attempts = 0
     last_error: BaseException | None = None
@@ -217,6 +251,10 @@ def _connect_nonblocking(sock: socket.socket, path: str, deadline: float) -> Non
     try:
         sock.connect(path)
     except OSError as exc:
+        if exc.errno == errno.ECONNREFUSED:
+            wrong_type = _not_a_socket(path)
+            if wrong_type is not None:
+                raise wrong_type from exc
         if exc.errno in _RETRY_ERRNOS:
             raise _NotReady(exc) from None
         raise
@@ -226,9 +264,10 @@ def _connect_nonblocking(sock: socket.socket, path: str, deadline: float) -> Non
 def _send_line(sock: socket.socket, line: bytes) -> None:
     # Firecracker parses the line at the first readable event and drops a
     # partial one, so it must go out in one write; a fresh socket's send
-    # buffer always has room for it.
+    # buffer always has room for it.  MSG_NOSIGNAL turns a write to a VMM that
+    # already closed into EPIPE, so no SIGPIPE reaches the application.
     try:
-        sent = sock.send(line)
+        sent = sock.send(line, socket.MSG_NOSIGNAL)
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise _NotReady(exc) from None
     if sent != len(line):
@@ -270,6 +309,7 @@ async def connect_async(
     """Asyncio twin of :func:`connect_blocking`, with the same errors."""
     path = os.fspath(uds_path)
     check_guest_port(port)
+    check_timeout(timeout)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     attempts = 0
