@@ -214,6 +214,8 @@ class _Connection:
     handed_off: bool = False
     # Set to end a relayed connection from outside its task.
     end: asyncio.Future[_End] | None = None
+    # Set once the relay copies no more bytes in either direction.
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -271,12 +273,21 @@ async def _hold_until_eof(sock: socket.socket) -> None:
 
 
 async def _pump(
-    source: socket.socket, target: socket.socket, limit: int | None = None
+    source: socket.socket,
+    target: socket.socket,
+    limit: int | None = None,
+    before_last: Callable[[], object] | None = None,
 ) -> str:
-    """Copy ``source`` to ``target`` through one buffer; return why it stopped."""
+    """Copy ``source`` to ``target`` through one buffer; return why it stopped.
+
+    With ``limit``, ``before_last`` runs before the chunk that reaches it is
+    written.
+    """
     loop = asyncio.get_running_loop()
     buffer = memoryview(bytearray(RELAY_BUFFER_SIZE))
     copied = 0
+    if limit is not None and limit <= 0 and before_last is not None:
+        before_last()
     try:
         while limit is None or copied < limit:
             size = RELAY_BUFFER_SIZE if limit is None else min(
@@ -285,8 +296,10 @@ async def _pump(
             count = await loop.sock_recv_into(source, buffer[:size])
             if count == 0:
                 return "eof"
-            await loop.sock_sendall(target, buffer[:count])
             copied += count
+            if copied == limit and before_last is not None:
+                before_last()
+            await loop.sock_sendall(target, buffer[:count])
     except OSError as exc:
         logger.debug("relay: copy stopped: %s", exc)
         return "error"
@@ -476,10 +489,10 @@ class Muxer:
     async def snapshot(self) -> None:
         """Reset every relayed connection and pause new ones until restore."""
         self._resumed.clear()
-        for conn in list(self._connections.values()):
-            if conn.relayed and conn.end is not None and not conn.end.done():
-                conn.end.set_result(_End.SNAPSHOT)
-                del self._connections[conn.host_port]
+        ended = self._end_relays(None, _End.SNAPSHOT)
+        for conn in ended:
+            self._forget(conn)
+        await self._wait_stopped(ended)
 
     async def restore(self, hang: float = 0.0) -> None:
         """Resume; connections arriving in the next ``hang`` seconds wait."""
@@ -488,14 +501,24 @@ class Muxer:
 
     async def abort(self, guest_port: int | None, *, unread: bool) -> int:
         """Close relayed connections abruptly; return how many were closed."""
-        end = _End.ABORT_UNREAD if unread else _End.ABORT
-        count = 0
+        ended = self._end_relays(guest_port, _End.ABORT_UNREAD if unread else _End.ABORT)
+        await self._wait_stopped(ended)
+        return len(ended)
+
+    def _end_relays(self, guest_port: int | None, end: _End) -> list[_Connection]:
+        ended = []
         for conn in self._connections.values():
             matches = guest_port is None or conn.guest_port == guest_port
             if matches and conn.end is not None and not conn.end.done():
                 conn.end.set_result(end)
-                count += 1
-        return count
+                ended.append(conn)
+        return ended
+
+    @staticmethod
+    async def _wait_stopped(connections: list[_Connection]) -> None:
+        # Callers rely on no host byte being copied once this returns.
+        for conn in connections:
+            await conn.stopped.wait()
 
     async def close(self) -> None:
         """Stop accepting, close every connection and remove the socket file."""
@@ -580,12 +603,12 @@ class Muxer:
         try:
             queued = host.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
             length = firecracker_line_length(queued)
-            if length is None:
-                return None
-            host.recv(length)
+            # Firecracker has read these bytes before it gives up, so the host
+            # sees EOF rather than ECONNRESET for a truncated command.
+            host.recv(len(queued) if length is None else length)
         except OSError:
             return None
-        return parse_firecracker_line(queued[:length])
+        return None if length is None else parse_firecracker_line(queued[:length])
 
     @staticmethod
     async def _read_command_cloud_hypervisor(host: socket.socket) -> int | None:
@@ -748,12 +771,14 @@ class Muxer:
             end = await self._run_relay(streams, conn, faults)
             await self._stop_pumps(streams)
             guest.close()
+            conn.stopped.set()
             await self._end_relay(host, end)
         except OSError as exc:
             logger.debug("muxer: relay of host port %d ended: %s", conn.host_port, exc)
         finally:
             await self._stop_pumps(streams)
             guest.close()
+            conn.stopped.set()
 
     async def _run_relay(
         self, streams: _Streams, conn: _Connection, faults: Faults
@@ -771,13 +796,19 @@ class Muxer:
             limit = None if limit is None else max(0, limit - len(first))
         else:
             await self._write_reply(streams.host, conn, faults)
-        to_host = asyncio.create_task(_pump(streams.guest, streams.host, limit))
+        to_guest = streams.tasks[0]
+        to_host = asyncio.create_task(
+            _pump(streams.guest, streams.host, limit, before_last=to_guest.cancel)
+        )
         streams.tasks.append(to_host)
         assert conn.end is not None
         waiters: list[asyncio.Future[Any]] = [*streams.tasks, conn.end]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if conn.end.done():
             return conn.end.result()
+        if to_guest.cancelled():
+            # to_host reached abort_after_bytes and is writing its last chunk.
+            await to_host
         if to_host.done() and to_host.result() == "limit":
             return _End.ABORT_UNREAD if faults.abort_with_unread else _End.ABORT
         return None
