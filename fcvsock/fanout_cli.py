@@ -1,0 +1,514 @@
+"""The ``fcvsock fanout`` command line: one command on many VMs at once.
+
+Live output goes out line by line, each line whole and prefixed with its
+VM's name, stdout lines on stdout and stderr lines on stderr.  A summary
+with a table of the VMs that failed goes to stderr at the end, and while
+the VMs run a progress line is redrawn on stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from . import fanout
+from ._request import build_start
+from .fanout import ErrorKind, LineSplitter, Target, VMOutput, VMResult
+from .handshake import check_guest_port
+from .protocol import AGENT_PORT
+
+__all__ = [
+    "EXIT_COMMAND_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "EXIT_VM_FAILED",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_COMMAND_FAILED = 1
+EXIT_VM_FAILED = 2
+EXIT_INTERRUPTED = 130
+EXIT_USAGE = 255
+
+_PROG = "fcvsock fanout"
+_EPILOG = f"""\
+targets:
+  Each TARGET is a VM's vsock Unix socket (Firecracker's uds_path) or a
+  glob of them, such as '/srv/vms/*/v.sock'; quote globs so that fcvsock
+  expands them, in natural order (vm-2 before vm-10).  A VM's name comes
+  from its path, as --name-from says: parent (default) is the directory
+  containing the socket (/srv/vms/web-1/v.sock is web-1), stem the file
+  name without its suffix (web-1.sock is web-1), path the path itself.
+  A format such as '{{parent}}-{{stem}}' may use the fields {{path}},
+  {{parent}}, {{file}} and {{stem}}.
+
+output:
+  Lines appear as 'NAME | line', never mixed with another VM's line; a
+  last line without a newline is printed when its VM finishes.  --json
+  prints one JSON object per VM as it finishes (name, uds_path,
+  exit_code, signal, duration, error, error_message, stdout_bytes,
+  stderr_bytes) and no output lines; combine it with --out-dir to keep
+  the output.
+
+exit status:
+  {EXIT_OK}    the command exited 0 on every VM
+  {EXIT_COMMAND_FAILED}    every VM was reached, and the command exited non-zero or was
+       killed by a signal on at least one
+  {EXIT_VM_FAILED}    at least one VM was unreachable, timed out, broke the protocol
+       or lost the connection (takes precedence over {EXIT_COMMAND_FAILED})
+  {EXIT_INTERRUPTED}  interrupted by SIGINT; the summary covers the VMs done by then
+  {EXIT_USAGE}  invalid arguments, a glob that matched nothing, two VMs with the
+       same name, or an --out-dir that cannot be written"""
+
+# Names longer than this are not padded, so one long name does not push
+# every line to the right.
+_MAX_PAD = 32
+_PROGRESS_INTERVAL = 0.25
+_CLEAR_LINE = b"\r\x1b[K"
+
+
+class _UsageError(Exception):
+    """Invalid command line; main() reports it and returns EXIT_USAGE."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=_PROG,
+        usage=f"{_PROG} [options] TARGET... -- CMD [ARG...]",
+        description="Run CMD on many microVMs at once through the guest agent, "
+        "stream each VM's output line by line, and summarise the outcome.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "targets", nargs="+", metavar="TARGET",
+        help="vsock Unix socket path or glob of them",
+    )
+    parser.add_argument(
+        "-p", "--parallel", type=_positive_int, default=fanout.DEFAULT_PARALLEL,
+        metavar="N",
+        help=f"VMs to run at a time (default {fanout.DEFAULT_PARALLEL})",
+    )
+    parser.add_argument(
+        "--timeout", type=_seconds, default=None, metavar="S",
+        help="seconds each VM's command may run, from start to exit status, "
+        "before it counts as timed out (default: no limit)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=_seconds, default=fanout.DEFAULT_CONNECT_TIMEOUT,
+        metavar="S",
+        help="seconds to keep retrying while a VM or its agent is not ready, "
+        "before it counts as unreachable "
+        f"(default {fanout.DEFAULT_CONNECT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--remote-timeout", type=int, default=0, metavar="S",
+        help="seconds after which each agent kills its command's process group "
+        "(default 0: never)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=AGENT_PORT,
+        help=f"guest vsock port of the agent (default {AGENT_PORT})",
+    )
+    parser.add_argument(
+        "-e", "--env", action="append", default=[], metavar="K=V",
+        help="set an environment variable for the command (repeatable)",
+    )
+    parser.add_argument("--cwd", default="", metavar="DIR", help="working directory")
+    parser.add_argument("--user", default="", help="user name or uid[:gid] to run as")
+    parser.add_argument(
+        "--name-from", default="parent", metavar="STYLE",
+        help="how to name a VM from its socket path: parent, stem, path or a "
+        "format (default parent; see below)",
+    )
+    parser.add_argument(
+        "--no-prefix", action="store_true",
+        help="print output lines without the 'NAME | ' prefix",
+    )
+    parser.add_argument(
+        "--out-dir", metavar="DIR",
+        help="write each VM's output to DIR/NAME.stdout and DIR/NAME.stderr "
+        "instead of printing it",
+    )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object per VM on stdout instead of output lines",
+    )
+    return parser
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    if "--" not in argv:
+        if any(word in ("-h", "--help") for word in argv):
+            _build_parser().parse_args(["--help"])
+        raise _UsageError("missing '--' between the targets and the command")
+    split = argv.index("--")
+    args = _build_parser().parse_args(argv[:split])
+    args.cmd = argv[split + 1:]
+    if not args.cmd:
+        raise _UsageError("missing command after '--'")
+    args.env = _parse_env(args.env)
+    return args
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"invalid --env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+class _Console:
+    """Writes bytes to stdout and stderr, and the progress line on stderr.
+
+    The progress line is erased before anything else is written, so output
+    lines never share a terminal line with it; :meth:`draw_progress` puts
+    it back.
+    """
+
+    def __init__(self, stdout: BinaryIO, stderr: BinaryIO, show_progress: bool) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self.show_progress = show_progress
+        self._progress_shown = False
+
+    def write(self, stream: BinaryIO, data: bytes) -> None:
+        self.erase_progress()
+        stream.write(data)
+
+    def flush(self) -> None:
+        self.stdout.flush()
+        self.stderr.flush()
+
+    def draw_progress(self, text: str) -> None:
+        if not self.show_progress:
+            return
+        self.stdout.flush()
+        self.stderr.write(_CLEAR_LINE + text.encode())
+        self.stderr.flush()
+        self._progress_shown = True
+
+    def erase_progress(self) -> None:
+        if self._progress_shown:
+            self.stderr.write(_CLEAR_LINE)
+            self.stderr.flush()
+            self._progress_shown = False
+
+
+class _LinePrinter:
+    """Prints whole output lines, prefixed with the VM's name unless disabled."""
+
+    def __init__(
+        self, console: _Console, targets: Sequence[Target], prefix: bool
+    ) -> None:
+        self._console = console
+        width = min(max(len(target.name) for target in targets), _MAX_PAD)
+        self._prefixes = {
+            target.name: f"{target.name:<{width}} | ".encode() if prefix else b""
+            for target in targets
+        }
+        self._splitter = LineSplitter()
+
+    def output(self, event: VMOutput) -> None:
+        name = event.target.name
+        lines = self._splitter.feed((name, event.stream), event.data)
+        if lines:
+            self._print(name, event.stream, lines)
+
+    def finish(self, name: str) -> None:
+        """Print the partial last lines of ``name``, each with a newline."""
+        for stream_name in ("stdout", "stderr"):
+            rest = self._splitter.flush((name, stream_name))
+            if rest:
+                self._print(name, stream_name, [rest])
+
+    def finish_all(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.finish(name)
+
+    def _print(self, name: str, stream_name: str, lines: list[bytes]) -> None:
+        prefix = self._prefixes[name]
+        console = self._console
+        stream = console.stdout if stream_name == "stdout" else console.stderr
+        text = b"".join(
+            prefix + (line if line.endswith(b"\n") else line + b"\n") for line in lines
+        )
+        console.write(stream, text)
+
+
+class _OutputFiles:
+    """Writes each VM's output to DIR/NAME.stdout and DIR/NAME.stderr."""
+
+    def __init__(self, out_dir: str, targets: Sequence[Target]) -> None:
+        self._paths: dict[tuple[str, str], str] = {}
+        owners: dict[str, str] = {}
+        for target in targets:
+            stem = _file_stem(target.name)
+            other = owners.setdefault(stem, target.name)
+            if other != target.name:
+                raise _UsageError(
+                    f"--out-dir: VMs {other!r} and {target.name!r} would both write "
+                    f"{stem}.stdout; choose another --name-from"
+                )
+            for stream_name in ("stdout", "stderr"):
+                self._paths[target.name, stream_name] = os.path.join(
+                    out_dir, f"{stem}.{stream_name}"
+                )
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            # Empty files for every VM up front: a VM that printed nothing
+            # still has both, and files from an earlier run are truncated.
+            for path in self._paths.values():
+                with open(path, "wb"):
+                    pass
+        except OSError as exc:
+            raise _UsageError(f"--out-dir {out_dir}: {exc}") from None
+
+    def output(self, event: VMOutput) -> None:
+        # Opened per chunk, so hundreds of VMs do not hold hundreds of fds.
+        with open(self._paths[event.target.name, event.stream], "ab") as file:
+            file.write(event.data)
+
+
+def _file_stem(name: str) -> str:
+    stem = name.strip("/").replace("/", "_")
+    if stem in ("", ".", ".."):
+        stem = "_" + stem
+    return stem
+
+
+# -- running -----------------------------------------------------------------------
+
+
+class _FanoutRun:
+    """Sends events to the outputs and tracks progress and results."""
+
+    def __init__(
+        self, args: argparse.Namespace, targets: Sequence[Target], console: _Console
+    ) -> None:
+        self.args = args
+        self.targets = targets
+        self.console = console
+        self.results: list[VMResult] = []
+        self.started = time.monotonic()
+        self.interrupted = False
+        self._printer: _LinePrinter | None = None
+        self._files: _OutputFiles | None = None
+        if args.out_dir is not None:
+            self._files = _OutputFiles(args.out_dir, targets)
+        elif not args.json:
+            self._printer = _LinePrinter(console, targets, prefix=not args.no_prefix)
+
+    async def execute(self) -> None:
+        events = fanout.stream(
+            self.targets, self.args.cmd, parallel=self.args.parallel,
+            timeout=self.args.timeout, connect_timeout=self.args.connect_timeout,
+            env=self.args.env, cwd=self.args.cwd, user=self.args.user,
+            timeout_seconds=self.args.remote_timeout, max_output=0,
+        )
+        ticker = None
+        if self.console.show_progress:
+            ticker = asyncio.create_task(self._tick())
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    self.handle(event)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    def handle(self, event: VMOutput | VMResult) -> None:
+        if isinstance(event, VMOutput):
+            if self._printer is not None:
+                self._printer.output(event)
+            if self._files is not None:
+                self._files.output(event)
+        else:
+            self.results.append(event)
+            if self._printer is not None:
+                self._printer.finish(event.name)
+            if self.args.json:
+                line = json.dumps(event.to_dict()) + "\n"
+                self.console.write(self.console.stdout, line.encode())
+            self.console.draw_progress(self.progress_text())
+        self.console.flush()
+
+    def finish(self) -> None:
+        """Print what is left of unfinished VMs' lines and erase the progress line."""
+        if self._printer is not None:
+            self._printer.finish_all([target.name for target in self.targets])
+        self.console.erase_progress()
+        self.console.flush()
+
+    def progress_text(self) -> str:
+        failed = sum(1 for result in self.results if not result.ok)
+        elapsed = time.monotonic() - self.started
+        return (
+            f"fanout: {len(self.results)}/{len(self.targets)} done, "
+            f"{failed} failed, {elapsed:.0f} s"
+        )
+
+    async def _tick(self) -> None:
+        while True:
+            self.console.draw_progress(self.progress_text())
+            await asyncio.sleep(_PROGRESS_INTERVAL)
+
+
+# -- summary -------------------------------------------------------------------------
+
+
+_KIND_LABELS = {
+    ErrorKind.TIMED_OUT: "timed out",
+    ErrorKind.UNREACHABLE: "unreachable",
+    ErrorKind.PROTOCOL_ERROR: "protocol error",
+    ErrorKind.CONNECTION_LOST: "connection lost",
+}
+
+
+def _counts_line(
+    results: Sequence[VMResult], total: int, elapsed: float, interrupted: bool
+) -> str:
+    counts = Counter(
+        "ok" if result.ok
+        else "failed" if result.error is None
+        else _KIND_LABELS[result.error]
+        for result in results
+    )
+    # The four common outcomes are always listed, the rare ones when they occurred.
+    always = ["ok", "failed", "timed out", "unreachable"]
+    rare = ["protocol error", "connection lost"]
+    parts = [f"{counts[label]} {label}" for label in always]
+    parts += [f"{counts[label]} {label}" for label in rare if counts[label]]
+    head = f"fanout: {total} VMs"
+    if interrupted:
+        head = f"fanout: interrupted, {len(results)} of {total} VMs done"
+    return f"{head}: {', '.join(parts)} in {elapsed:.1f} s"
+
+
+def _failure_table(results: Sequence[VMResult], order: Sequence[Target]) -> list[str]:
+    position = {target.name: index for index, target in enumerate(order)}
+    failed = sorted(
+        (result for result in results if not result.ok),
+        key=lambda result: position[result.name],
+    )
+    if not failed:
+        return []
+    rows = [("NAME", "RESULT", "DURATION", "DETAIL")]
+    for result in failed:
+        rows.append((
+            result.name, result.describe(), f"{result.duration:.2f} s",
+            _short_detail(result.error_message),
+        ))
+    name_width = max(len(row[0]) for row in rows)
+    result_width = max(len(row[1]) for row in rows)
+    duration_width = max(len(row[2]) for row in rows)
+    return [
+        f"{name:<{name_width}}  {outcome:<{result_width}}  "
+        f"{duration:>{duration_width}}  {detail}".rstrip()
+        for name, outcome, duration, detail in rows
+    ]
+
+
+def _short_detail(message: str) -> str:
+    # Messages nest "operation: reason" from the layers below; the innermost
+    # reason ("[Errno 111] Connection refused") is what differs between VMs.
+    # The whole message is in the --json output.
+    return message.rpartition(": ")[2]
+
+
+def _exit_status(results: Sequence[VMResult], interrupted: bool) -> int:
+    if interrupted:
+        return EXIT_INTERRUPTED
+    if any(result.error is not None for result in results):
+        return EXIT_VM_FAILED
+    if any(not result.ok for result in results):
+        return EXIT_COMMAND_FAILED
+    return EXIT_OK
+
+
+def _write_summary(run: _FanoutRun) -> None:
+    elapsed = time.monotonic() - run.started
+    lines = [_counts_line(run.results, len(run.targets), elapsed, run.interrupted)]
+    lines += _failure_table(run.results, run.targets)
+    text = "".join(line + "\n" for line in lines)
+    run.console.write(run.console.stderr, text.encode())
+    run.console.flush()
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def _check_arguments(args: argparse.Namespace) -> list[Target]:
+    try:
+        targets = fanout.expand_targets(args.targets, args.name_from)
+        targets = [
+            Target(target.name, target.uds_path, port=args.port) for target in targets
+        ]
+        check_guest_port(args.port)
+        build_start(
+            args.cmd, env=args.env, cwd=args.cwd, user=args.user, tty=False,
+            tty_size=None, timeout_seconds=args.remote_timeout,
+        )
+    except (ValueError, TypeError) as exc:
+        raise _UsageError(str(exc)) from None
+    return targets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fcvsock fanout`` with ``argv``; return the exit status."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    console = _Console(sys.stdout.buffer, sys.stderr.buffer, sys.stderr.isatty())
+    try:
+        args = _parse_args(words)
+        targets = _check_arguments(args)
+        run = _FanoutRun(args, targets, console)
+    except _UsageError as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        print(f"usage: {_PROG} [options] TARGET... -- CMD [ARG...]", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:
+        # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        asyncio.run(run.execute())
+    except KeyboardInterrupt:
+        run.interrupted = True
+    finally:
+        run.finish()
+    _write_summary(run)
+    return _exit_status(run.results, run.interrupted)
