@@ -15,27 +15,36 @@ complete frame is ever lost.
 
 Writer strategy.  Frames with payloads up to ``coalesce_limit`` are copied into
 one contiguous buffer; a larger payload is referenced, not copied, and goes
-out with its header in one ``writev``.
+out with its header in one ``sendmsg`` with ``MSG_NOSIGNAL``, so a closed peer
+raises ``BrokenPipeError`` and no SIGPIPE is delivered.  Fds that are not
+sockets, such as pipes, are written with ``writev``.
+
+Payloads and fed data must be C-contiguous bytes-like objects.  Anything else
+raises ``TypeError`` before the decoder or the queue changes.
 """
 
 from __future__ import annotations
 
+import errno
+import operator
 import os
+import socket
 import struct
 from collections import deque
-from typing import Union
 
-from .errors import FrameTooLargeError, IncompleteFrameError, ProtocolError
+from .errors import FrameTooLargeError, IncompleteFrameError
 from .protocol import HEADER_SIZE, MAX_PAYLOAD
 
 __all__ = [
     "DEFAULT_BUFFER_SIZE",
+    "DEFAULT_COALESCE_LIMIT",
+    "DEFAULT_READ_BUDGET",
     "FrameDecoder",
     "FrameWriter",
     "encode_frame",
 ]
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
 DEFAULT_READ_BUDGET = 1024 * 1024
@@ -71,14 +80,18 @@ def _too_large(length: int, limit: int) -> FrameTooLargeError:
 
 def encode_frame(frame_type: int, payload: Buffer = b"") -> bytes:
     """Return one frame as bytes: header followed by payload."""
-    length = _check_outgoing(frame_type, payload, MAX_PAYLOAD)
-    return _HEADER.pack(frame_type, length) + bytes(payload)
+    frame_type, body = _check_outgoing(frame_type, payload, MAX_PAYLOAD)
+    return _HEADER.pack(frame_type, len(body)) + body
 
 
-def _check_outgoing(frame_type: int, payload: Buffer, limit: int) -> int:
+def _check_outgoing(
+    frame_type: int, payload: Buffer, limit: int
+) -> tuple[int, memoryview]:
+    frame_type = operator.index(frame_type)
     if not 0 <= frame_type <= 0xFF:
         raise ValueError(f"encode frame: type must be in 0..255, got {frame_type}")
-    length = memoryview(payload).nbytes
+    body = memoryview(payload).cast("B")
+    length = len(body)
     if length > limit:
         raise FrameTooLargeError(
             f"encode frame: payload length {length} exceeds the limit of "
@@ -86,7 +99,7 @@ def _check_outgoing(frame_type: int, payload: Buffer, limit: int) -> int:
             length,
             limit,
         )
-    return length
+    return frame_type, body
 
 
 class FrameDecoder:
@@ -157,11 +170,13 @@ class FrameDecoder:
     def read_fd(
         self, fd: int, max_bytes: int = DEFAULT_READ_BUDGET
     ) -> list[tuple[int, bytes]]:
-        """Read a non-blocking fd until EAGAIN, EOF or ``max_bytes``.
+        """Read a non-blocking fd until EAGAIN, EOF or ``max_bytes`` were read.
 
-        Return the frames completed.  EOF sets :attr:`at_eof`.  An ``OSError``
-        from the read is raised at once when no frame was completed, and
-        otherwise by the next call, after those frames were delivered.
+        No read requests more than what is left of ``max_bytes``, so the bytes
+        beyond it stay in the kernel.  Return the frames completed.  EOF sets
+        :attr:`at_eof`.  An ``OSError`` from the read is raised at once when no
+        frame was completed, and otherwise by the next call, after those
+        frames were delivered.
         """
         self._raise_pending()
         frames: list[tuple[int, bytes]] = []
@@ -172,6 +187,7 @@ class FrameDecoder:
             else:
                 self._make_room()
                 target = self._view[self._end:]
+            target = target[: max_bytes - received]
             try:
                 count = os.readv(fd, [target])
             except (BlockingIOError, InterruptedError) as exc:
@@ -313,6 +329,13 @@ class FrameWriter:
                 f"frame writer: max_payload must be in 0..{MAX_PAYLOAD}, "
                 f"got {max_payload}"
             )
+        # An empty payload must never become a chunk of its own: flush would
+        # spin on a zero-byte write.
+        if coalesce_limit < 0:
+            raise ValueError(
+                f"frame writer: coalesce_limit must be at least 0, "
+                f"got {coalesce_limit}"
+            )
         self._max_payload = max_payload
         self._coalesce_limit = coalesce_limit
         self._chunks: deque[memoryview] = deque()
@@ -326,20 +349,24 @@ class FrameWriter:
 
     def write(self, frame_type: int, payload: Buffer = b"") -> None:
         """Queue one frame."""
-        length = _check_outgoing(frame_type, payload, self._max_payload)
-        self._tail += _HEADER.pack(frame_type, length)
+        frame_type, body = _check_outgoing(frame_type, payload, self._max_payload)
+        length = len(body)
+        header = _HEADER.pack(frame_type, length)
         if length <= self._coalesce_limit:
-            self._tail += payload
+            self._tail += header
+            self._tail += body
         else:
+            chunk = payload if isinstance(payload, bytes) else bytes(body)
+            self._tail += header
             self._seal_tail()
-            body = payload if isinstance(payload, bytes) else bytes(payload)
-            self._chunks.append(memoryview(body))
+            self._chunks.append(memoryview(chunk))
         self._pending += HEADER_SIZE + length
 
     def write_raw(self, data: Buffer) -> None:
         """Queue bytes that are not a frame, such as a handshake line."""
-        self._tail += data
-        self._pending += memoryview(data).nbytes
+        body = memoryview(data).cast("B")
+        self._tail += body
+        self._pending += len(body)
 
     def data_to_send(self) -> bytes:
         """Return and dequeue every pending byte, for use without an fd."""
@@ -353,14 +380,14 @@ class FrameWriter:
         """Write to ``fd`` until done or EAGAIN; return the bytes pending.
 
         EINTR is retried.  Other ``OSError``s, such as ``BrokenPipeError``,
-        propagate with the queue left as it was.
+        propagate with the bytes not yet written left in the queue.
         """
         self._seal_tail()
         chunks = self._chunks
         while chunks:
             batch = [chunks[i] for i in range(min(len(chunks), _IOV_BATCH))]
             try:
-                written = os.writev(fd, batch)
+                written = _send(fd, batch)
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -380,3 +407,18 @@ class FrameWriter:
         if self._tail:
             self._chunks.append(memoryview(self._tail))
             self._tail = bytearray()
+
+
+def _send(fd: int, batch: list[memoryview]) -> int:
+    # A temporary socket object gives access to sendmsg(); detach() hands the
+    # fd back without closing it.
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOTSOCK:
+            raise
+        return os.writev(fd, batch)
+    try:
+        return sock.sendmsg(batch, (), socket.MSG_NOSIGNAL)
+    finally:
+        sock.detach()
