@@ -204,7 +204,7 @@ class LocalVM:
 
     @property
     def host_ports_assigned(self) -> list[int]:
-        """Every host port assigned so far, in order."""
+        """Host ports assigned so far, in order: the last 10,000 of them."""
         return list(self._muxer.host_ports_assigned)
 
     @property

@@ -36,6 +36,7 @@ import socket
 import struct
 import termios
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "FIRST_HOST_PORT",
     "GARBAGE_REPLIES",
+    "HOST_PORT_HISTORY",
     "NEED_MORE",
     "RELAY_BUFFER_SIZE",
     "AgentLink",
@@ -63,6 +65,7 @@ logger = logging.getLogger("fcvsock.muxer")
 
 FIRST_HOST_PORT = 1 << 30
 DEFAULT_MAX_CONNECTIONS = 1023
+HOST_PORT_HISTORY = 10_000
 CONNECT_LINE_MAX = 32
 RELAY_BUFFER_SIZE = 64 * 1024
 NEED_MORE = -1
@@ -438,7 +441,8 @@ class Muxer:
         self.agent_data_path = "handoff"
         # Guest port -> time.monotonic() before which nothing listens on it.
         self.refuse_until: dict[int, float] = {}
-        self.host_ports_assigned: list[int] = []
+        # The most recent host ports, oldest first; bounded for long runs.
+        self.host_ports_assigned: deque[int] = deque(maxlen=HOST_PORT_HISTORY)
         self._connections: dict[int, _Connection] = {}
         self._last_host_port = FIRST_HOST_PORT - 1
         self._listener: socket.socket | None = None
@@ -768,7 +772,7 @@ class Muxer:
                 return
             conn.relayed = True
             conn.end = loop.create_future()
-            end = await self._run_relay(streams, conn, faults)
+            end = await self._relay_until_ended(streams, conn, faults)
             await self._stop_pumps(streams)
             guest.close()
             conn.stopped.set()
@@ -779,6 +783,23 @@ class Muxer:
             await self._stop_pumps(streams)
             guest.close()
             conn.stopped.set()
+
+    async def _relay_until_ended(
+        self, streams: _Streams, conn: _Connection, faults: Faults
+    ) -> _End | None:
+        # conn.end may come at any step, even before the reply is written.
+        assert conn.end is not None
+        run = asyncio.create_task(self._run_relay(streams, conn, faults))
+        waiters: list[asyncio.Future[Any]] = [run, conn.end]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+        if conn.end.done():
+            return conn.end.result()
+        return run.result()
 
     async def _run_relay(
         self, streams: _Streams, conn: _Connection, faults: Faults
@@ -801,11 +822,7 @@ class Muxer:
             _pump(streams.guest, streams.host, limit, before_last=to_guest.cancel)
         )
         streams.tasks.append(to_host)
-        assert conn.end is not None
-        waiters: list[asyncio.Future[Any]] = [*streams.tasks, conn.end]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if conn.end.done():
-            return conn.end.result()
+        await asyncio.wait(streams.tasks, return_when=asyncio.FIRST_COMPLETED)
         if to_guest.cancelled():
             # to_host reached abort_after_bytes and is writing its last chunk.
             await to_host

@@ -233,6 +233,15 @@ def test_firecracker_reject_leaves_rest(vm: LocalVM) -> None:
         assert end_of_stream(host) == "reset"
 
 
+def test_firecracker_parses_full_buffer(vm: LocalVM, guest: GuestService) -> None:
+    # 32 bytes without LF: Firecracker parses what it has and keeps the rest.
+    command = b"CONNECT 1000".ljust(32) + b"data"
+    host, service, reply = connect_guest(vm, guest, command)
+    with host:
+        assert reply == FIRST_REPLY
+        assert service.recv(64) == b"data"
+
+
 def test_firecracker_rejects_split_line(vm: LocalVM) -> None:
     with connect_host(vm.uds_path) as host:
         host.sendall(b"CONN")
@@ -558,6 +567,19 @@ def test_snapshot_silences_streams(vm: LocalVM, guest: GuestService) -> None:
         host.sendall(b"after snapshot")
         assert host.recv(64) == b""
         vm.restore()
+
+
+def test_snapshot_before_reply(vm: LocalVM, guest: GuestService) -> None:
+    vm.faults.reply = Reply.WITH_DATA
+    vm.faults.first_data_wait = TIMEOUT
+    with connect_host(vm.uds_path) as host:
+        host.sendall(b"CONNECT 1000\n")
+        service = guest.accept()
+        vm.snapshot()
+        assert service.recv(64) == b""
+        host.sendall(b"x")
+        assert host.recv(64) == b""
+    vm.restore()
 
 
 def test_snapshot_holds_new_connects(vm: LocalVM, guest: GuestService) -> None:
