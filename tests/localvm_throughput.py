@@ -36,6 +36,8 @@ def count_to_eof(sock: socket.socket) -> int:
 
 def agent_stream(vm: LocalVM, size: int) -> int:
     host, reply = handshake(vm.uds_path, b"CONNECT 52\n")
+    if not reply.startswith(b"OK "):
+        raise RuntimeError(f"agent stream: expected an OK reply, got {reply!r}")
     with host:
         host.sendall(start_frames(["head", "-c", str(size), "/dev/zero"]))
         return count_to_eof(host)
