@@ -2,8 +2,8 @@
 
 The muxer (:mod:`fcvsock.muxer`) runs on its own asyncio loop in a background
 thread, so blocking and asyncio code can drive the same VM.  The reference
-agent runs as a child process in its own session, with its sockets and clock
-file in a private temporary directory; port 52 reaches it.
+agent runs as a child process in its own session.  Its sockets and clock file
+live in a private temporary directory, and guest port 52 leads to it.
 
 Run ``python -m fcvsock.localvm PATH`` to serve one until Ctrl-C or SIGTERM.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 import select
@@ -28,6 +27,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Self, TypeVar
 
+from .clock import VirtualClock
 from .errors import FcvsockError
 from .muxer import (
     DEFAULT_MAX_CONNECTIONS,
@@ -233,21 +233,14 @@ class LocalVM:
     def guest_time_ns(self) -> int:
         """The guest's wall clock in nanoseconds since the epoch.
 
-        The agent's clock file stores ``realtime_ns`` and the
-        ``CLOCK_MONOTONIC`` reading ``monotonic_ns`` it was set at; the clock
-        runs on from there.  Before the file exists it is the host's clock,
-        and between :meth:`snapshot` and :meth:`restore` it stands still.
+        The agent keeps it in a :class:`~fcvsock.clock.VirtualClock` file,
+        which CLOCK_SYNC sets.  Before the file exists it is the host's
+        clock, and between :meth:`snapshot` and :meth:`restore` it does not
+        advance.  Raises ``ValueError`` if the file is not a clock record.
         """
         if self._snapshot_ns is not None:
             return self._snapshot_ns
-        try:
-            with open(self._state_path("clock.json"), "rb") as clock_file:
-                document = json.load(clock_file)
-            realtime_ns = int(document["realtime_ns"])
-            monotonic_ns = int(document["monotonic_ns"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return time.time_ns()
-        return realtime_ns + time.monotonic_ns() - monotonic_ns
+        return self._clock().now_ns()
 
     # Guest ports and scenarios.
 
@@ -284,11 +277,12 @@ class LocalVM:
     def snapshot(self) -> int:
         """Take a snapshot; return the guest time it was taken at, in ns.
 
-        Every relayed stream goes silent: the guest side is reset, the host
-        side sees nothing until it writes, and is then closed.  Connections
-        handed off to the agent are not affected, so set
-        :attr:`agent_data_path` to ``"relay"`` first to include port 52.
-        New connections wait, unanswered, until :meth:`restore`.
+        Every relayed stream goes silent.  Its guest side is reset, and its
+        host side receives nothing, not even EOF, until the host writes.  The
+        VM then closes it.  Connections handed off to the agent are not
+        affected, so set :attr:`agent_data_path` to ``"relay"`` first to
+        include port 52.  New connections wait, unanswered, until
+        :meth:`restore`.
         """
         taken_ns = self.guest_time_ns()
         self._run(self._muxer.snapshot())
@@ -303,7 +297,7 @@ class LocalVM:
         """
         if self._snapshot_ns is None:
             raise LocalVMError("local vm: restore: no snapshot was taken")
-        self._write_clock(self._snapshot_ns)
+        self._clock().set_ns(self._snapshot_ns)
         self._snapshot_ns = None
         self._run(self._muxer.restore(hang))
 
@@ -312,10 +306,10 @@ class LocalVM:
     ) -> int:
         """Close live relayed streams abruptly; return how many were closed.
 
-        Bytes already sent to the host stay readable, then the host sees
-        EOF.  With ``unread_host_bytes`` the VM instead waits until the host
-        writes and closes without reading that, so the host's next read
-        fails with ``ECONNRESET`` after the remaining bytes.
+        The host reads the bytes already sent to it, then EOF.  With
+        ``unread_host_bytes`` the VM instead waits until the host writes and
+        closes without reading those bytes.  The host then reads the bytes
+        already sent to it, and its next read fails with ``ECONNRESET``.
         """
         return self._run(self._muxer.abort(guest_port, unread=unread_host_bytes))
 
@@ -380,13 +374,8 @@ class LocalVM:
         except OSError as exc:
             logger.error("local vm: create socket %s failed: %s", self.uds_path, exc)
 
-    def _write_clock(self, realtime_ns: int) -> None:
-        path = self._state_path("clock.json")
-        document = {"realtime_ns": realtime_ns, "monotonic_ns": time.monotonic_ns()}
-        with open(path + ".tmp", "w", encoding="utf-8") as clock_file:
-            json.dump(document, clock_file)
-        # The agent may read the file at any time; replace it in one step.
-        os.replace(path + ".tmp", path)
+    def _clock(self) -> VirtualClock:
+        return VirtualClock(self._state_path("clock.json"))
 
     def _start_agent(self) -> None:
         handoff_path = self._state_path("handoff.sock")

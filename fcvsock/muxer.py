@@ -7,18 +7,18 @@ muxer, as in Firecracker and Cloud Hypervisor.
 
 Handshake parsers.  Both read the command exactly up to its line feed, so
 bytes the host pipelined after it stay in the socket for the guest.  The
-Firecracker parser (``src/vmm/src/devices/virtio/vsock/unix/muxer.rs``) looks
-once, at the first readable event: fewer than 10 bytes, or no line feed in
-what is queued then, drops the connection; 32 bytes without a line feed are
-parsed as they are.  The Cloud Hypervisor parser
-(``virtio-devices/src/vsock/unix/muxer.rs``) waits for more bytes until a line
-feed or 32 bytes.
+Firecracker parser looks once, at the first readable event.  It drops the
+connection when fewer than 10 bytes or no line feed are queued then, and it
+parses 32 bytes without a line feed as they are.  The Cloud Hypervisor parser
+waits for more bytes until a line feed or 32 bytes.  Both follow the VMMs'
+``muxer.rs`` (Firecracker ``src/vmm/src/devices/virtio/vsock/unix/``, commit
+81b38b9d; Cloud Hypervisor ``virtio-devices/src/vsock/unix/``, commit ae44c297).
 
 Data paths.  ``handoff`` writes the reply and passes the host socket to the
 agent with ``SCM_RIGHTS``, so Python copies no data bytes afterwards.
 ``relay`` connects to a guest-side Unix stream listener and copies both ways
 through one 64 KiB buffer per direction, the size of Firecracker's
-per-connection buffer; a side that stops reading blocks the other side.
+per-connection buffer.  A side that stops reading therefore blocks the other.
 """
 
 from __future__ import annotations
@@ -92,12 +92,14 @@ GARBAGE_REPLIES = {
 
 
 class Parser(str, enum.Enum):
+    """The VMM whose ``CONNECT`` parsing is emulated."""
+
     FIRECRACKER = "firecracker"
     CLOUD_HYPERVISOR = "cloud-hypervisor"
 
 
 class Reply(str, enum.Enum):
-    """How the ``OK`` line reaches the host."""
+    """Shape of the ``OK`` reply as the host receives it."""
 
     WHOLE = "whole"
     SPLIT = "split"
@@ -136,7 +138,7 @@ def parse_firecracker_line(command: bytes) -> int | None:
 def parse_cloud_hypervisor(command: bytes) -> int | None:
     """Return the guest port, ``NEED_MORE``, or ``None`` for a rejected command.
 
-    ``command`` holds every byte read so far.
+    ``command`` contains every byte read so far.
     """
     newline = command.find(b"\n")
     if len(command) < len(_CH_PREFIX):
@@ -164,20 +166,22 @@ def _parse_u32(word: str) -> int | None:
 class Faults:
     """Run-time switches of the emulated VMM, read when a connection arrives.
 
-    ``reply`` picks how ``OK`` is written.  ``SPLIT`` writes it in pieces cut
-    at ``split_at``, each once the host has read the previous one (or after
-    ``split_wait`` seconds).  ``WITH_DATA`` writes it together with the
-    guest's first bytes, and ``WITH_DATA_EOF`` together with everything the
-    guest sends before it closes, then closes; both wait at most
-    ``first_data_wait`` seconds for the guest to speak.
+    ``reply`` selects how ``OK`` is written.  ``SPLIT`` writes it in pieces
+    cut at the offsets in ``split_at``, and each piece waits until the host
+    has read the previous one, or ``split_wait`` seconds.  ``WITH_DATA``
+    writes it in one write with the guest's first bytes.  ``WITH_DATA_EOF``
+    writes it with everything the guest sent before closing, then closes the
+    host connection too.  Both wait at most ``first_data_wait`` seconds for
+    the guest to send.
 
-    ``garbage_reply`` replaces the ``OK`` line with those bytes; the host
-    connection is then drained until the host closes it, or closed at once
-    with ``close_after_garbage``.  ``silent`` reads the command and then
-    sends nothing, ever.  ``abort_after_bytes`` closes a relayed connection
-    once that many guest bytes reached the host; with ``abort_with_unread``
-    it waits for the host to write and closes without reading those bytes,
-    so the host's next read fails with ``ECONNRESET``.
+    ``garbage_reply`` replaces the ``OK`` line with these bytes.  The host
+    connection then stays open, read and discarded, until the host closes
+    it, unless ``close_after_garbage`` closes it at once.  ``silent`` reads
+    the command and then sends nothing for as long as the host stays.
+    ``abort_after_bytes`` closes a relayed connection once that many guest
+    bytes reached the host.  With ``abort_with_unread`` it first waits for
+    the host to write and leaves those bytes unread, so the host's next read
+    fails with ``ECONNRESET``.
     """
 
     reply: Reply = Reply.WHOLE
@@ -314,7 +318,7 @@ class AgentLink:
 
     ``handoff_path`` is an ``AF_UNIX`` ``SOCK_SEQPACKET`` listener.  Each
     message sent to it carries one host socket as ``SCM_RIGHTS`` and the JSON
-    object ``{"host_port": N, "guest_port": P}``; the agent answers
+    object ``{"host_port": N, "guest_port": P}``.  The agent replies
     ``{"closed": N}`` on the same channel when it closes that socket.
     ``unix_path`` is a stream listener where each connection is one session
     already past the handshake.
@@ -391,7 +395,7 @@ class AgentLink:
             for fd in fds:
                 os.close(fd)
             if not message:
-                logger.warning("agent channel: the agent closed it")
+                logger.warning("agent channel: the agent closed the handoff channel")
                 break
             self._dispatch(message, on_closed)
         self._close_channel()
@@ -443,6 +447,8 @@ class Muxer:
         self.refuse_until: dict[int, float] = {}
         # The most recent host ports, oldest first; bounded for long runs.
         self.host_ports_assigned: deque[int] = deque(maxlen=HOST_PORT_HISTORY)
+        # Host connections accepted and closed because of max_connections.
+        self.closed_over_limit = 0
         self._connections: dict[int, _Connection] = {}
         self._last_host_port = FIRST_HOST_PORT - 1
         self._listener: socket.socket | None = None
@@ -570,14 +576,21 @@ class Muxer:
                 continue
             if len(self._connections) >= self.max_connections:
                 # Firecracker and Cloud Hypervisor accept, then close at once.
-                logger.warning(
-                    "muxer: connection limit of %d reached, closing a new host "
-                    "connection",
-                    self.max_connections,
-                )
                 host.close()
+                self._report_over_limit()
                 continue
             self._spawn(self._serve(host))
+
+    def _report_over_limit(self) -> None:
+        self.closed_over_limit += 1
+        count = self.closed_over_limit
+        if count & (count - 1) == 0:
+            logger.warning(
+                "muxer: connection limit of %d reached: closed %d new host "
+                "connections so far",
+                self.max_connections,
+                count,
+            )
 
     async def _serve(self, host: socket.socket) -> None:
         try:
@@ -759,30 +772,42 @@ class Muxer:
     async def _relay(
         self, host: socket.socket, conn: _Connection, path: str, faults: Faults
     ) -> None:
-        loop = asyncio.get_running_loop()
-        guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        guest.setblocking(False)
+        guest = await self._connect_guest(conn, path)
+        if guest is None:
+            return
         streams = _Streams(host, guest)
+        conn.relayed = True
+        conn.end = asyncio.get_running_loop().create_future()
         try:
-            try:
-                await loop.sock_connect(guest, path)
-            except OSError as exc:
-                logger.debug("muxer: connect to guest port %d failed: %s",
-                             conn.guest_port, exc)
-                return
-            conn.relayed = True
-            conn.end = loop.create_future()
             end = await self._relay_until_ended(streams, conn, faults)
-            await self._stop_pumps(streams)
-            guest.close()
-            conn.stopped.set()
-            await self._end_relay(host, end)
         except OSError as exc:
-            logger.debug("muxer: relay of host port %d ended: %s", conn.host_port, exc)
+            logger.debug("muxer: relay of host port %d failed: %s", conn.host_port, exc)
+            end = None
         finally:
             await self._stop_pumps(streams)
             guest.close()
             conn.stopped.set()
+        await self._end_relay(host, end)
+
+    @staticmethod
+    async def _connect_guest(conn: _Connection, path: str) -> socket.socket | None:
+        guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        guest.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(guest, path)
+        except asyncio.CancelledError:
+            guest.close()
+            raise
+        except OSError as exc:
+            guest.close()
+            logger.debug(
+                "muxer: connect to guest port %d at %s failed: %s",
+                conn.guest_port,
+                path,
+                exc,
+            )
+            return None
+        return guest
 
     async def _relay_until_ended(
         self, streams: _Streams, conn: _Connection, faults: Faults

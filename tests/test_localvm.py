@@ -29,6 +29,7 @@ from localvm_peers import (
     wait_queued,
 )
 
+from fcvsock._core import encode_frame
 from fcvsock.localvm import GARBAGE_REPLIES, LocalVM, LocalVMError, Reply, main
 from fcvsock.muxer import (
     FIRST_HOST_PORT,
@@ -37,7 +38,7 @@ from fcvsock.muxer import (
     parse_cloud_hypervisor,
     parse_firecracker_line,
 )
-from fcvsock.protocol import FrameType, decode_exit
+from fcvsock.protocol import FrameType, decode_exit, encode_clock_sync
 
 GUEST_PORT = 1000
 FIRST_REPLY = b"OK %d\n" % FIRST_HOST_PORT
@@ -675,6 +676,19 @@ def test_agent_reply_with_data(agent: LocalVM) -> None:
 
 def read_line_prefix(data: bytes) -> bytes:
     return data[: data.index(b"\n") + 1]
+
+
+def test_agent_clock_sync_sets_guest_time(agent: LocalVM) -> None:
+    set_to = 10**18 + 5
+    host, _ = handshake(agent.uds_path, b"CONNECT 52\n")
+    with host:
+        before = time.monotonic_ns()
+        host.sendall(encode_frame(FrameType.CLOCK_SYNC, encode_clock_sync(10**9, 5)))
+        frames = read_session(host)
+    guest_now = agent.guest_time_ns()
+    elapsed = time.monotonic_ns() - before
+    assert decode_exit(frames[-1][1]) == (0, None)
+    assert set_to <= guest_now <= set_to + elapsed
 
 
 def test_agent_handoff_counted(agent: LocalVM) -> None:
