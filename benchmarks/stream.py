@@ -35,10 +35,16 @@ def _consume(path: str, size: int, *, slow: bool, twin: bool) -> dict[str, Any]:
     arguments = [path, "--bytes", str(size)]
     if slow:
         arguments += ["--sleep", str(SLOW_SLEEP), "--sleep-every", str(SLOW_EVERY)]
-    env = {"FCVSOCK_NO_EXTENSIONS": "1"} if twin else None
+    # Set both ways, so a caller's own FCVSOCK_NO_EXTENSIONS cannot leak in.
+    env = {"FCVSOCK_NO_EXTENSIONS": "1" if twin else "0"}
     result: dict[str, Any] = measure.run_child_json(
         measure.child_command("stream", *arguments), env=env, timeout=CHILD_TIMEOUT
     )
+    expected_core = "python" if twin else "cython"
+    if result["core"] != expected_core:
+        raise RuntimeError(
+            f"stream: consumer used the {result['core']} core, expected {expected_core}"
+        )
     if result["bytes"] != size or result["exit_code"] != 0:
         raise RuntimeError(
             f"stream: got {result['bytes']} bytes and exit code "
