@@ -352,7 +352,7 @@ def _check_unique_names(targets: Sequence[Target]) -> None:
             )
 
 
-# -- line splitting -------------------------------------------------------------
+# -- line splitting -----------------------------------------------------------
 
 
 class LineSplitter:
@@ -398,7 +398,7 @@ class LineSplitter:
         return len(self._partial)
 
 
-# -- running --------------------------------------------------------------------
+# -- running ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -704,9 +704,9 @@ async def run(
     ``on_output`` is called with each :class:`VMOutput` and ``on_result``
     with each :class:`VMResult` as they arrive.  When a callback returns an
     awaitable, it is awaited before the next event is delivered, so a slow
-    callback slows the sessions down once :data:`MAX_QUEUED` bytes wait.  An exception from a callback
-    cancels every session and propagates.  The other arguments are those of
-    :func:`stream`.
+    callback slows the sessions down once :data:`MAX_QUEUED` bytes wait.
+    An exception from a callback cancels every session and propagates.  The
+    other arguments are those of :func:`stream`.
     """
     resolved = expand_targets(targets, name_from)
     results: dict[str, VMResult] = {}
