@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType, TracebackType
 from typing import Any, Self, TypeVar
@@ -114,6 +115,7 @@ class LocalVM:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._agent: subprocess.Popen[bytes] | None = None
+        self._agent_finalizer: weakref.finalize[Any, Any] | None = None
         self._bind_later: concurrent.futures.Future[None] | None = None
         self._snapshot_ns: int | None = None
 
@@ -382,47 +384,72 @@ class LocalVM:
         unix_path = self._state_path("agent.sock")
         read_fd, write_fd = os.pipe()
         try:
-            command = [
-                *self._agent_command,
-                "--handoff", handoff_path,
-                "--unix", unix_path,
-                "--clock", f"virtual:{self._state_path('clock.json')}",
-                "--ready-fd", str(write_fd),
-                *self._agent_options,
-            ]  # fmt: skip
-            self._agent = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(write_fd,),
-                env=_agent_environment(),
-                # Ctrl-C in a terminal then reaches this process only, which
-                # stops the agent itself.
-                start_new_session=True,
-            )
+            process = self._spawn_agent(handoff_path, unix_path, write_fd)
             os.close(write_fd)
             write_fd = -1
-            _wait_ready(read_fd, self._agent, self._start_timeout)
+            _wait_ready(read_fd, process, self._start_timeout)
         finally:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
         self._run(self._muxer.attach_agent(AgentLink(handoff_path, unix_path)))
 
+    def _spawn_agent(
+        self, handoff_path: str, unix_path: str, ready_fd: int
+    ) -> subprocess.Popen[bytes]:
+        command = [
+            *self._agent_command,
+            "--handoff", handoff_path,
+            "--unix", unix_path,
+            "--clock", f"virtual:{self._state_path('clock.json')}",
+            "--ready-fd", str(ready_fd),
+            *self._agent_options,
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(ready_fd,),
+            env=_agent_environment(),
+            # Ctrl-C in a terminal then reaches this process only, which
+            # stops the agent itself.
+            start_new_session=True,
+        )
+        self._agent = process
+        self._agent_finalizer = weakref.finalize(self, _stop_unclosed_agent, process)
+        return process
+
     def _stop_agent(self) -> None:
         process, self._agent = self._agent, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(_AGENT_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "local vm: agent pid %d ignored SIGTERM for %.0f s, killing it",
-                process.pid,
-                _AGENT_STOP_TIMEOUT,
-            )
-            process.kill()
-            process.wait()
+        if self._agent_finalizer is not None:
+            self._agent_finalizer.detach()
+            self._agent_finalizer = None
+        if process is not None:
+            _stop_process(process)
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(_AGENT_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        logger.warning(
+            "local vm: agent pid %d ignored SIGTERM for %.0f s, killing it",
+            process.pid,
+            _AGENT_STOP_TIMEOUT,
+        )
+        process.kill()
+        process.wait()
+
+
+def _stop_unclosed_agent(process: subprocess.Popen[bytes]) -> None:
+    # The agent runs in its own session, so nothing else would end it.
+    logger.warning(
+        "local vm: stopping agent pid %d of a LocalVM that was never closed",
+        process.pid,
+    )
+    _stop_process(process)
 
 
 def _agent_options(

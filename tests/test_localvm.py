@@ -713,6 +713,26 @@ def test_close_cleans_up(sock_dir: str) -> None:
     assert open_fd_count() == fds_before
 
 
+def test_unclosed_vm_stops_agent_at_exit(sock_dir: str) -> None:
+    script = (
+        "import sys\n"
+        "from fcvsock.localvm import LocalVM\n"
+        "vm = LocalVM(sys.argv[1]).start()\n"
+        "print(vm.agent_pid, flush=True)\n"
+    )
+    path = os.path.join(sock_dir, "vm.sock")
+    result = subprocess.run(
+        [sys.executable, "-c", script, path],
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    agent_pid = int(result.stdout)
+    with pytest.raises(ProcessLookupError):
+        os.kill(agent_pid, 0)
+    assert b"never closed" in result.stderr
+
+
 def test_close_twice(vm: LocalVM) -> None:
     vm.close()
     vm.close()
