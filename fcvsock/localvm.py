@@ -68,7 +68,7 @@ class LocalVM:
 
     ``parser`` is ``"firecracker"`` (one-shot command parsing) or
     ``"cloud-hypervisor"`` (waits for a split line).  For ``boot_delay``
-    seconds after :meth:`start` returns, nothing listens on port 52, so
+    seconds from the end of :meth:`start`, nothing listens on port 52, so
     connections to it get EOF before any reply.  ``max_connections`` live
     connections are served; more are accepted and closed at once.  With
     ``agent=False`` no agent runs and port 52 is served only through
@@ -135,12 +135,12 @@ class LocalVM:
             self._start_loop()
             if self._with_agent:
                 self._start_agent()
+            if self._boot_delay > 0:
+                self.refuse_for(self._boot_delay, AGENT_PORT)
             self._open_socket(create_socket_after)
         except BaseException:
             self.close()
             raise
-        if self._boot_delay > 0:
-            self.refuse_for(self._boot_delay, AGENT_PORT)
         return self
 
     def create_socket(self) -> None:

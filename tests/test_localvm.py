@@ -325,6 +325,7 @@ def test_reply_whole(vm: LocalVM, guest: GuestService) -> None:
 def test_reply_split(vm: LocalVM, guest: GuestService) -> None:
     vm.faults.reply = Reply.SPLIT
     vm.faults.split_at = (2, 5)
+    vm.faults.split_wait = TIMEOUT
     with connect_host(vm.uds_path) as host:
         host.sendall(b"CONNECT 1000\n")
         pieces = [host.recv(64) for _ in range(3)]
