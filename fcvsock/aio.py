@@ -17,7 +17,7 @@ from .errors import ClockSyncError, ConnectionLostError, SessionTimeoutError
 from .handshake import DEFAULT_CONNECT_TIMEOUT, Handshake, connect_async
 from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize, encode_signal
 from ._request import InputFeeder, build_start
-from .client import CLOCK_SYNC_REPLY_TIMEOUT, _check_clock_reply
+from .client import CLOCK_SYNC_REPLY_TIMEOUT, _check_clock_reply, _feed_input
 from .session import (
     DEFAULT_MAX_BUFFERED,
     WRITE_HIGH_WATER,
@@ -136,17 +136,8 @@ class _Session:
                 reason = "wait timed out; connection closed"
             raise self.core.make_error(SessionTimeoutError, reason) from None
 
-    async def feed_input(self, feeder: InputFeeder) -> None:
-        core = self.core
-        while core.write_error is None and core.pending_writes < WRITE_HIGH_WATER:
-            payload = feeder.next_frame()
-            if payload is None:
-                if not feeder.eof_sent:
-                    core.send(FrameType.EOF)
-                    feeder.eof_sent = True
-                break
-            core.send(FrameType.STDIN, payload)
-        core.flush()
+    def feed_input(self, feeder: InputFeeder) -> None:
+        _feed_input(self.core, feeder)
         self.driver.update()
 
     async def drain(self, high_water: int) -> None:
@@ -227,7 +218,7 @@ async def run(
     try:
         while not core.finished:
             if not feeder.eof_sent:
-                await session.feed_input(feeder)
+                session.feed_input(feeder)
             await session.wait()
     finally:
         session.close()
@@ -276,7 +267,7 @@ async def stream(
             if core.failure is not None:
                 raise core.error()
             if not feeder.eof_sent:
-                await session.feed_input(feeder)
+                session.feed_input(feeder)
             await session.wait()
     finally:
         session.close()
