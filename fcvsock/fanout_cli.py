@@ -351,6 +351,8 @@ class _FanoutRun:
         finally:
             if ticker is not None:
                 ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
 
     def handle(self, event: VMOutput | VMResult) -> None:
         if isinstance(event, VMOutput):
@@ -414,9 +416,10 @@ def _counts_line(
     rare = ["protocol error", "connection lost"]
     parts = [f"{counts[label]} {label}" for label in always]
     parts += [f"{counts[label]} {label}" for label in rare if counts[label]]
-    head = f"fanout: {total} VMs"
+    vms = "VM" if total == 1 else "VMs"
+    head = f"fanout: {total} {vms}"
     if interrupted:
-        head = f"fanout: interrupted, {len(results)} of {total} VMs done"
+        head = f"fanout: interrupted, {len(results)} of {total} {vms} done"
     return f"{head}: {', '.join(parts)} in {elapsed:.1f} s"
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +32,6 @@ from scripted_peer import (
     Peers,
     accept_start,
     exit_frame,
-    open_fds,
     run_in_loop,
     stderr_frame,
     stdout_frame,
@@ -73,6 +75,20 @@ def socket_path(vms_dir: Path, name: str) -> str:
     directory = vms_dir / name
     directory.mkdir(exist_ok=True)
     return str(directory / "v.sock")
+
+
+def open_sockets() -> dict[str, str]:
+    """Return this process's open socket fds, each with its inode."""
+    # Socket objects that are unreachable but not yet collected still hold
+    # their fds.
+    gc.collect()
+    sockets = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:"):
+                sockets[fd] = target
+    return sockets
 
 
 def start_vm(
@@ -470,7 +486,7 @@ def test_callback_error_closes_sessions(peers: Peers, vms_dir: Path) -> None:
 
 
 def test_cancel_closes_every_socket(peers: Peers, vms_dir: Path) -> None:
-    fds_before = open_fds()
+    sockets_before = open_sockets()
     stuck = [Agent(stdout_frame(b"started\n")) for _ in range(5)]
     for index, agent in enumerate(stuck):
         start_vm(peers, vms_dir, f"vm-{index}", agent)
@@ -490,7 +506,7 @@ def test_cancel_closes_every_socket(peers: Peers, vms_dir: Path) -> None:
     for agent in stuck:
         assert agent.client_closed.wait(WAIT)
     peers.close()
-    assert open_fds() == fds_before
+    assert open_sockets() == sockets_before
 
 
 @pytest.mark.parametrize(
@@ -620,7 +636,7 @@ def test_fleet_of_100(hub: LocalVM, vms_dir: Path) -> None:
             Target(name, vm.uds_path, cmd=fleet_command(kinds[name], name))
             for name, vm in vms.items()
         ]
-        fds_before = open_fds()
+        sockets_before = open_sockets()
         results, tasks_left = asyncio.run(run(targets))
         assert tasks_left == set()
         assert [result.name for result in results] == names
@@ -646,7 +662,7 @@ def test_fleet_of_100(hub: LocalVM, vms_dir: Path) -> None:
                 assert result.stdout_bytes == 0, name
         assert wait_until(lambda: all(vm.connections == 0 for vm in vms.values()))
         assert wait_until(lambda: not processes_with_args("sleep", STUCK_SLEEP))
-        assert wait_until(lambda: open_fds() == fds_before)
+        assert wait_until(lambda: open_sockets() == sockets_before)
 
 
 def test_fleet_cancel_ends_commands(hub: LocalVM, vms_dir: Path) -> None:
@@ -851,7 +867,7 @@ def test_cli_summary_all_ok(
     lines = err.splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(
-        "fanout: 1 VMs: 1 ok, 0 failed, 0 timed out, 0 unreachable in "
+        "fanout: 1 VM: 1 ok, 0 failed, 0 timed out, 0 unreachable in "
     )
 
 
@@ -898,7 +914,7 @@ def test_cli_progress_on_terminal(
     # Each progress line is erased before the next write, so output and the
     # summary start at the beginning of a clean line.
     assert "\r\x1b[Ka | warn\n" in err
-    assert "\r\x1b[Kfanout: 1 VMs: 1 ok" in err
+    assert "\r\x1b[Kfanout: 1 VM: 1 ok" in err
 
 
 def test_cli_no_progress_off_terminal(
@@ -950,6 +966,25 @@ def test_cli_help_lists_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
     assert "exit status:" in out
     for code in (0, 1, 2, 130, 255):
         assert f"\n  {code} " in out
+
+
+def test_cli_interrupt(peers: Peers, vms_dir: Path) -> None:
+    agent = Agent(stdout_frame(b"started\n"))
+    path = start_vm(peers, vms_dir, "stuck", agent)
+    command = [sys.executable, "-m", "fcvsock", "fanout", path, "--", "sleep", "60"]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        try:
+            assert agent.started.wait(WAIT)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=WAIT)
+        finally:
+            process.kill()
+    assert process.returncode == fanout_cli.EXIT_INTERRUPTED
+    assert agent.client_closed.wait(WAIT)
+    assert b"interrupted, 0 of 1 VM done" in err
+    assert b"Traceback" not in err
 
 
 def test_cli_through_fcvsock_main(
