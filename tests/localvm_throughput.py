@@ -1,10 +1,11 @@
 """Measure stream throughput through the stand-in VM's two data paths.
 
-Run ``python tests/localvm_throughput.py [MiB]``.  It prints bytes/s for:
-the agent streaming ``head -c`` output over the handoff path and over the
-relay path, the relay alone (a guest thread writes zeros, no agent), and a
-plain Unix socket pair as the ceiling.  Numbers depend on the machine; they
-compare paths, they are not targets.
+Run ``python tests/localvm_throughput.py [MiB] [repeat]`` (default 512 MiB,
+5 runs).  It prints the median and best rate of: the agent streaming
+``head -c`` output over the handoff path and over the relay path (frame
+headers included), the relay alone (a guest thread writes zeros, no agent),
+and a plain Unix socket pair as the ceiling.  The numbers depend on the
+machine and its load.  They compare paths and are not targets.
 """
 
 from __future__ import annotations
@@ -70,26 +71,33 @@ def pair_stream(size: int) -> int:
     return received
 
 
-def report(name: str, run: Callable[[], int]) -> None:
-    started = time.perf_counter()
-    received = run()
-    elapsed = time.perf_counter() - started
-    rate = received / elapsed / 1e6
-    print(f"{name:34s} {received / 2**20:8.0f} MiB {elapsed:7.2f} s {rate:9.0f} MB/s")
+def report(name: str, run: Callable[[], int], repeat: int) -> None:
+    rates = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        received = run()
+        rates.append(received / (time.perf_counter() - started) / 1e6)
+    rates.sort()
+    median = rates[len(rates) // 2]
+    print(
+        f"{name:30s} {received / 2**20:6.0f} MiB x{repeat}  "
+        f"median {median:6.0f} MB/s  best {rates[-1]:6.0f} MB/s"
+    )
 
 
 def main() -> None:
     size = int(sys.argv[1]) * 2**20 if len(sys.argv) > 1 else 512 * 2**20
+    repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     with tempfile.TemporaryDirectory(prefix="lvm-") as state:
         guest = GuestService(os.path.join(state, "guest.sock"))
         with LocalVM(os.path.join(state, "vm.sock")) as vm:
             vm.listen(1000, guest.path)
-            report("agent, handoff (frames incl.)", lambda: agent_stream(vm, size))
+            report("agent, handoff", lambda: agent_stream(vm, size), repeat)
             vm.agent_data_path = "relay"
-            report("agent, relay (frames incl.)", lambda: agent_stream(vm, size))
-            report("relay only, no agent", lambda: relay_stream(vm, guest, size))
+            report("agent, relay", lambda: agent_stream(vm, size), repeat)
+            report("relay only, no agent", lambda: relay_stream(vm, guest, size), repeat)
         guest.close()
-    report("socketpair, no VM", lambda: pair_stream(size))
+    report("socketpair, no VM", lambda: pair_stream(size), repeat)
 
 
 if __name__ == "__main__":
