@@ -136,7 +136,7 @@ class LocalVM:
             if self._with_agent:
                 self._start_agent()
             if self._boot_delay > 0:
-                self.refuse_for(self._boot_delay, AGENT_PORT)
+                self.no_listener_for(self._boot_delay, AGENT_PORT)
             self._open_socket(create_socket_after)
         except BaseException:
             self.close()
@@ -233,7 +233,7 @@ class LocalVM:
         self._muxer.agent_data_path = value
 
     def guest_time_ns(self) -> int:
-        """The guest's wall clock in nanoseconds since the epoch.
+        """Return the guest's wall clock in nanoseconds since the epoch.
 
         The agent keeps it in a :class:`~fcvsock.clock.VirtualClock` file,
         which CLOCK_SYNC sets.  Before the file exists it is the host's
@@ -263,7 +263,7 @@ class LocalVM:
 
         self._on_loop(unregister)
 
-    def refuse_for(self, seconds: float, guest_port: int = AGENT_PORT) -> None:
+    def no_listener_for(self, seconds: float, guest_port: int = AGENT_PORT) -> None:
         """Let nothing listen on ``guest_port`` for ``seconds`` from now.
 
         Connections to it get EOF before any reply, as when the guest
@@ -271,10 +271,10 @@ class LocalVM:
         """
         until = time.monotonic() + seconds
 
-        def refuse() -> None:
-            self._muxer.refuse_until[guest_port] = until
+        def close_port() -> None:
+            self._muxer.no_listener_until[guest_port] = until
 
-        self._on_loop(refuse)
+        self._on_loop(close_port)
 
     def snapshot(self) -> int:
         """Take a snapshot; return the guest time it was taken at, in ns.

@@ -444,7 +444,7 @@ class Muxer:
         self.agent: AgentLink | None = None
         self.agent_data_path = "handoff"
         # Guest port -> time.monotonic() before which nothing listens on it.
-        self.refuse_until: dict[int, float] = {}
+        self.no_listener_until: dict[int, float] = {}
         # The most recent host ports, oldest first; bounded for long runs.
         self.host_ports_assigned: deque[int] = deque(maxlen=HOST_PORT_HISTORY)
         # Host connections accepted and closed because of max_connections.
@@ -621,7 +621,7 @@ class Muxer:
             queued = host.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
             length = firecracker_line_length(queued)
             # Firecracker has read these bytes before it gives up, so the host
-            # sees EOF rather than ECONNRESET for a truncated command.
+            # reads EOF rather than ECONNRESET after a truncated command.
             host.recv(len(queued) if length is None else length)
         except OSError:
             return None
@@ -684,7 +684,7 @@ class Muxer:
             del self._connections[conn.host_port]
 
     def _is_listening(self, guest_port: int) -> bool:
-        if time.monotonic() < self.refuse_until.get(guest_port, 0.0):
+        if time.monotonic() < self.no_listener_until.get(guest_port, 0.0):
             return False
         if guest_port in self.listeners:
             return True

@@ -388,15 +388,15 @@ def test_silent_after_command(vm: LocalVM) -> None:
 # Listener availability and the connection cap.
 
 
-def test_refused_port_gets_eof(vm: LocalVM) -> None:
-    vm.refuse_for(60, GUEST_PORT)
+def test_no_listener_gets_eof(vm: LocalVM) -> None:
+    vm.no_listener_for(60, GUEST_PORT)
     host, reply = handshake(vm.uds_path, b"CONNECT 1000\n")
     with host:
         assert reply == b""
 
 
-def test_refused_port_works_later(vm: LocalVM, guest: GuestService) -> None:
-    vm.refuse_for(0.2, GUEST_PORT)
+def test_no_listener_then_works(vm: LocalVM, guest: GuestService) -> None:
+    vm.no_listener_for(0.2, GUEST_PORT)
 
     def attempt() -> bytes:
         host, reply = handshake(vm.uds_path, b"CONNECT 1000\n")
