@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import time
 from collections.abc import Mapping, Sequence
 
-from .protocol import StartRequest
+from .protocol import StartRequest, encode_signal
 
-__all__ = ["InputFeeder", "build_start", "deadline_after"]
+__all__ = [
+    "InputFeeder",
+    "build_start",
+    "check_session_timeout",
+    "deadline_after",
+    "signal_payload",
+]
 
 # STDIN frames are cut at this size: large enough to amortise the header,
 # small enough that the agent never buffers much of a stalled stdin.
@@ -45,20 +53,52 @@ def build_start(
     return request.encode()
 
 
-def deadline_after(timeout: float | None, now: float | None = None) -> float | None:
-    """Return the monotonic time ``timeout`` seconds from now, or None."""
+def check_session_timeout(
+    timeout: float | None, name: str = "timeout"
+) -> float | None:
+    """Return ``timeout`` if it is None or a number of seconds >= 0, else raise."""
     if timeout is None:
         return None
-    if timeout < 0:
-        raise ValueError(f"session: timeout must be >= 0, got {timeout}")
-    return (time.monotonic() if now is None else now) + timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"session: {name} must be a number, got {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"session: {name} must be >= 0 seconds, got {timeout}")
+    return timeout
+
+
+def deadline_after(timeout: float | None, now: float | None = None) -> float | None:
+    """Return the monotonic time ``timeout`` seconds from now, or None."""
+    checked = check_session_timeout(timeout)
+    if checked is None:
+        return None
+    return (time.monotonic() if now is None else now) + checked
+
+
+def signal_payload(signal_number: int) -> bytes:
+    """Return the SIGNAL payload; raise before anything is sent if invalid."""
+    if isinstance(signal_number, bool):
+        raise TypeError(f"signal: number must be an int, got {signal_number!r}")
+    try:
+        number = operator.index(signal_number)
+    except TypeError:
+        raise TypeError(
+            f"signal: number must be an int, got {signal_number!r}"
+        ) from None
+    return encode_signal(number)
 
 
 class InputFeeder:
     """Cuts caller-supplied stdin into STDIN frames, then sends EOF once."""
 
     def __init__(self, data: bytes | bytearray | memoryview | None) -> None:
-        self._view = memoryview(data or b"").cast("B")
+        try:
+            view = memoryview(b"" if data is None else data)
+        except TypeError:
+            kind = type(data).__name__
+            raise TypeError(
+                f"input: expected a bytes-like object or None, got {kind}"
+            ) from None
+        self._view = view.cast("B")
         self._offset = 0
         self.eof_sent = False
 

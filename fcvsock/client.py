@@ -11,15 +11,28 @@ import select
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
+from typing import Self
 
+from ._request import (
+    InputFeeder,
+    build_start,
+    check_session_timeout,
+    deadline_after,
+    signal_payload,
+)
 from .errors import (
     ClockSyncError,
     ConnectionLostError,
     SessionTimeoutError,
 )
-from .handshake import DEFAULT_CONNECT_TIMEOUT, Handshake, connect_blocking
-from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize, encode_signal
-from ._request import InputFeeder, build_start, deadline_after
+from .handshake import (
+    DEFAULT_CONNECT_TIMEOUT,
+    Handshake,
+    check_guest_port,
+    check_timeout,
+    connect_blocking,
+)
+from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize
 from .session import (
     DEFAULT_MAX_BUFFERED,
     WRITE_HIGH_WATER,
@@ -28,6 +41,7 @@ from .session import (
     RunResult,
     SessionCore,
     StreamItem,
+    check_max_buffered,
 )
 
 __all__ = ["ExecSession", "connect", "exec", "run", "stream", "sync_clock"]
@@ -59,7 +73,7 @@ def _wait(core: SessionCore, deadline: float | None) -> None:
     if not ready:
         raise _Deadline
     revents = ready[0][1]
-    if core.pending_writes and revents & (select.POLLOUT | select.POLLHUP | select.POLLERR):
+    if core.pending_writes and revents & (select.POLLOUT | _READ_EVENTS):
         core.flush()
     if core.wants_read and revents & _READ_EVENTS:
         core.on_readable()
@@ -75,29 +89,53 @@ def _open(
     max_buffered: int,
 ) -> SessionCore:
     handshake = connect_blocking(uds_path, port, connect_timeout)
-    core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
-    core.send(FrameType.START, start)
+    try:
+        core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
+        core.send(FrameType.START, start)
+    except BaseException:
+        handshake.sock.close()
+        raise
     return core
 
 
 def _feed_input(core: SessionCore, feeder: InputFeeder) -> None:
-    while core.write_error is None and core.pending_writes < WRITE_HIGH_WATER:
-        payload = feeder.next_frame()
-        if payload is None:
-            if not feeder.eof_sent:
+    # Queue until EOF is out or the kernel stops taking bytes: returning with
+    # nothing pending and EOF unsent would leave the caller polling for
+    # output that the command only writes after its EOF.
+    while core.write_error is None and not feeder.eof_sent:
+        while core.pending_writes < WRITE_HIGH_WATER:
+            payload = feeder.next_frame()
+            if payload is None:
                 core.send(FrameType.EOF)
                 feeder.eof_sent = True
+                break
+            core.send(FrameType.STDIN, payload)
+        if core.flush() > 0:
             break
-        core.send(FrameType.STDIN, payload)
     core.flush()
 
 
-def _timed_out(core: SessionCore, timeout: float | None) -> SessionTimeoutError:
+def _timed_out(core: SessionCore, limit: float | None) -> SessionTimeoutError:
+    within = "before the deadline" if limit is None else f"within {limit:g} s"
     error = core.make_error(
-        SessionTimeoutError, f"no exit status within {timeout:g} s; connection closed"
+        SessionTimeoutError, f"no exit status {within}; connection closed"
     )
     assert isinstance(error, SessionTimeoutError)
     return error
+
+
+def _check_options(
+    *,
+    timeout: float | None,
+    connect_timeout: float,
+    port: int,
+    max_buffered: int = DEFAULT_MAX_BUFFERED,
+) -> None:
+    """Raise on an invalid option before anything connects."""
+    check_session_timeout(timeout)
+    check_timeout(connect_timeout)
+    check_guest_port(port)
+    check_max_buffered(max_buffered)
 
 
 def run(
@@ -130,12 +168,13 @@ def run(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
     )
+    feeder = InputFeeder(input)
+    _check_options(timeout=timeout, connect_timeout=connect_timeout, port=port)
     core = _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
         collect=True, max_buffered=DEFAULT_MAX_BUFFERED,
     )
     deadline = deadline_after(timeout)
-    feeder = InputFeeder(input)
     try:
         while not core.finished:
             if not feeder.eof_sent:
@@ -169,22 +208,43 @@ def stream(
 ) -> Iterator[StreamItem]:
     """Run ``cmd`` and yield :class:`Output` chunks as they arrive.
 
-    The last item is the :class:`ExitStatus`.  At most ``max_buffered``
-    bytes of output wait in memory between reads; beyond that the socket
-    is not read and the guest blocks.  Arguments are those of :func:`run`.
+    The last item is the :class:`ExitStatus`.  About ``max_buffered`` bytes
+    of output (at most two frames more) wait in memory between reads; beyond
+    that the socket is not read and the guest blocks.  Arguments are those of :func:`run`.
     Closing the generator early closes the connection, and the agent then
-    kills the command.
+    kills the command.  Arguments are checked at once; the connection is
+    made when iteration starts.
     """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
     )
+    feeder = InputFeeder(input)
+    _check_options(
+        timeout=timeout, connect_timeout=connect_timeout, port=port,
+        max_buffered=max_buffered,
+    )
+    return _stream(
+        uds_path, start, feeder, timeout=timeout, connect_timeout=connect_timeout,
+        port=port, max_buffered=max_buffered,
+    )
+
+
+def _stream(
+    uds_path: PathLike,
+    start: bytes,
+    feeder: InputFeeder,
+    *,
+    timeout: float | None,
+    connect_timeout: float,
+    port: int,
+    max_buffered: int,
+) -> Iterator[StreamItem]:
     core = _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
         collect=False, max_buffered=max_buffered,
     )
     deadline = deadline_after(timeout)
-    feeder = InputFeeder(input)
     try:
         while True:
             item = core.pop()
@@ -245,8 +305,8 @@ class ExecSession:
         self._send_control(FrameType.RESIZE, encode_resize(columns, rows))
 
     def signal(self, signal_number: int) -> None:
-        """Send a signal to the command's process group."""
-        self._send_control(FrameType.SIGNAL, encode_signal(signal_number))
+        """Send signal ``signal_number`` (1..64) to the command's process group."""
+        self._send_control(FrameType.SIGNAL, signal_payload(signal_number))
 
     def close_stdin(self) -> None:
         """Send EOF on the command's stdin; later writes raise."""
@@ -265,29 +325,37 @@ class ExecSession:
                 return None
             if core.failure is not None:
                 raise core.error()
-            self._wait(self._deadline)
+            self._wait(self._deadline, self._timeout)
 
     def __iter__(self) -> Iterator[Output]:
         while (item := self.read()) is not None:
             yield item
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
-        """Wait for the exit status; output not read by then is discarded."""
-        deadline = _earliest(self._deadline, deadline_after(timeout))
+        """Wait for the exit status; output not read by then is discarded.
+
+        ``timeout`` bounds this call in seconds, within the session's own
+        deadline.  When either passes, the connection is closed and
+        :class:`SessionTimeoutError` is raised.
+        """
+        deadline, limit = self._deadline, self._timeout
+        wait_deadline = deadline_after(timeout)
+        if wait_deadline is not None and (deadline is None or wait_deadline < deadline):
+            deadline, limit = wait_deadline, timeout
         core = self._core
         while core.exit_status is None:
-            while core.pop() is not None:
-                pass
+            _discard_output(core)
             if core.failure is not None:
                 raise core.error()
-            self._wait(deadline)
+            self._wait(deadline, limit)
+        _discard_output(core)
         return core.exit_status
 
     def close(self) -> None:
         """Close the connection; safe to call more than once."""
         self._core.close()
 
-    def __enter__(self) -> ExecSession:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -308,7 +376,7 @@ class ExecSession:
         while core.pending_writes > high_water:
             if core.sock is None or core.write_error is not None:
                 break
-            self._wait(self._deadline)
+            self._wait(self._deadline, self._timeout)
         if core.write_error is not None:
             raise core.make_error(
                 ConnectionLostError,
@@ -316,23 +384,22 @@ class ExecSession:
                 core.write_error,
             )
 
-    def _wait(self, deadline: float | None) -> None:
+    def _wait(self, deadline: float | None, limit: float | None) -> None:
         try:
             _wait(self._core, deadline)
         except _Deadline:
             self._core.close()
-            raise _timed_out(self._core, self._timeout) from None
+            raise _timed_out(self._core, limit) from None
 
 
-def _earliest(first: float | None, second: float | None) -> float | None:
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return min(first, second)
+def _discard_output(core: SessionCore) -> None:
+    while core.pop() is not None:
+        pass
 
 
-def exec(  # noqa: A001 - the protocol's name for an interactive session
+# Shadows the builtin on purpose: exec is the protocol's name for an
+# interactive session.
+def exec(
     uds_path: PathLike,
     cmd: Sequence[str],
     *,
@@ -350,11 +417,15 @@ def exec(  # noqa: A001 - the protocol's name for an interactive session
     """Start ``cmd`` and return an :class:`ExecSession` for it.
 
     Arguments are those of :func:`run`; stdin stays open until
-    :meth:`ExecSession.close_stdin`.
+    :meth:`ExecSession.close_stdin`.  ``timeout`` runs from the START frame.
     """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
+    )
+    _check_options(
+        timeout=timeout, connect_timeout=connect_timeout, port=port,
+        max_buffered=max_buffered,
     )
     core = _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
@@ -382,6 +453,7 @@ def sync_clock(
     out.  Raise :class:`ClockSyncError` naming the agent's code when it
     does not reply 0 within ``reply_timeout`` seconds.
     """
+    check_session_timeout(reply_timeout, "reply_timeout")
     handshake = connect_blocking(uds_path, port, connect_timeout)
     core = SessionCore(handshake, collect=True)
     try:
@@ -404,7 +476,8 @@ def sync_clock(
 def _check_clock_reply(core: SessionCore, uds_path: PathLike, sent_ns: int) -> int:
     where = os.fspath(uds_path)
     if core.exit_status is None:
-        raise ClockSyncError(f"sync clock via {where}: {core.error()}") from core.error()
+        error = core.error()
+        raise ClockSyncError(f"sync clock via {where}: {error}") from error
     code = core.exit_status.exit_code
     if code != 0:
         raise ClockSyncError(

@@ -6,11 +6,15 @@ fd and the asyncio driver registers it with the event loop, and both call
 :meth:`SessionCore.on_readable` and :meth:`SessionCore.flush` when the fd is
 ready.
 
-Memory is bounded in streaming mode: once ``max_buffered`` bytes of output
-wait for the caller, ``wants_read`` turns false, the drivers stop reading the
-socket, and the guest blocks on its full vsock buffer instead of the host
-growing.  ``run`` collects the whole output, which is then as large as the
-output.
+Memory is bounded in streaming mode.  A read takes at most the room left
+below ``max_buffered``, so the output waiting for the caller exceeds
+``max_buffered`` by at most the frame that was incomplete before the read.
+Only when that room ends inside one frame do further reads grow to the size
+of the part already held, so in the worst case the excess is about two of the
+largest frames.  Once the limit is reached, ``wants_read`` turns false, the
+drivers stop reading the socket, and the guest blocks on its full vsock
+buffer instead of the host growing.  ``run`` collects the whole output, so
+its memory grows with the output.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from ._core import FrameDecoder, FrameWriter
 from .errors import (
@@ -40,6 +44,7 @@ __all__ = [
     "RunResult",
     "SessionCore",
     "StreamItem",
+    "check_max_buffered",
 ]
 
 log = logging.getLogger("fcvsock.session")
@@ -50,6 +55,15 @@ DEFAULT_MAX_BUFFERED = 4 * 1024 * 1024
 READ_BUDGET = 1024 * 1024
 # Writers wait for the kernel once this much is queued in user space.
 WRITE_HIGH_WATER = 256 * 1024
+
+
+def check_max_buffered(max_buffered: int) -> int:
+    """Return ``max_buffered`` if it is a positive int, else raise."""
+    if isinstance(max_buffered, bool) or not isinstance(max_buffered, int):
+        raise TypeError(f"session: max_buffered must be an int, got {max_buffered!r}")
+    if max_buffered <= 0:
+        raise ValueError(f"session: max_buffered must be positive, got {max_buffered}")
+    return max_buffered
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class ExitStatus:
         return self.exit_code == 0
 
 
-StreamItem = Union[Output, ExitStatus]
+StreamItem = Output | ExitStatus
 
 
 @dataclass(frozen=True)
@@ -125,8 +139,7 @@ class SessionCore:
         collect: bool = False,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
-        if max_buffered <= 0:
-            raise ValueError(f"session: max_buffered must be positive, got {max_buffered}")
+        check_max_buffered(max_buffered)
         self.sock: socket.socket | None = handshake.sock
         self.fd = handshake.sock.fileno()
         self.host_port = handshake.host_port
@@ -162,27 +175,41 @@ class SessionCore:
     @property
     def pending_writes(self) -> int:
         """Bytes queued for the guest and not yet taken by the kernel."""
-        return self.writer.pending
+        return int(self.writer.pending)
 
     def on_readable(self) -> None:
         """Read what the socket has and turn it into output or a result."""
+        budget = self._read_budget()
         while self.wants_read:
+            held = self.decoder.buffered
             try:
-                frames = self.decoder.read_fd(self.fd, READ_BUDGET)
+                frames = self.decoder.read_fd(self.fd, budget)
             except ProtocolError as exc:
                 self._fail(exc)
+                return
+            except ConnectionResetError as exc:
+                # Linux resets a Unix stream instead of ending it when the
+                # other side closed with bytes it had not read, such as an
+                # EOF frame; the bytes sent before the close were delivered.
+                self._end_of_stream(exc)
                 return
             except OSError as exc:
                 self._lose(f"read from guest failed: {exc}", exc)
                 return
             if frames:
                 self._handle(frames)
+                budget = self._read_budget()
             elif self.decoder.at_eof:
                 self._end_of_stream()
                 return
-            else:
+            elif self.decoder.buffered - held < budget:
                 # EAGAIN with nothing new: wait for the next readable event.
                 return
+            else:
+                # The budget ran out inside one frame.  Reading as much as is
+                # already held doubles it each time, so a large frame takes a
+                # few reads, not one per free byte below max_buffered.
+                budget = max(budget, min(self.decoder.buffered, READ_BUDGET))
 
     def send(self, frame_type: int, payload: bytes = b"") -> None:
         """Queue one frame for the guest; raise if the guest stopped reading."""
@@ -202,7 +229,7 @@ class SessionCore:
         if self.write_error is not None or self.sock is None:
             return 0
         try:
-            return self.writer.flush(self.fd)
+            return int(self.writer.flush(self.fd))
         except OSError as exc:
             self.write_error = exc
             self.writer = FrameWriter()
@@ -294,13 +321,20 @@ class SessionCore:
             self.queue.append(Output(stream, data))
             self.buffered += len(data)
 
-    def _end_of_stream(self) -> None:
+    def _read_budget(self) -> int:
+        if self.collect:
+            return READ_BUDGET
+        return min(READ_BUDGET, self.max_buffered - self.buffered)
+
+    def _end_of_stream(self, reset: ConnectionResetError | None = None) -> None:
+        how = "closed" if reset is None else "reset"
         try:
             self.decoder.feed_eof()
         except IncompleteFrameError as exc:
-            self._lose(f"connection closed mid-frame: {exc}", exc)
+            exc.__context__ = reset
+            self._lose(f"connection {how} mid-frame: {exc}", exc)
             return
-        self._lose("connection closed before the exit status", None)
+        self._lose(f"connection {how} before the exit status", reset)
 
     def _fail(self, exc: ProtocolError) -> None:
         if self.failure is None:
