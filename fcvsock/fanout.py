@@ -8,10 +8,11 @@ results and calls optional callbacks; :func:`run_blocking` wraps it for code
 without an event loop.  A VM that cannot be reached, times out or breaks the
 protocol gets a result with an ``error`` kind; it never stops the others.
 
-Memory stays bounded however much the guests print: each session buffers at
-most :data:`SESSION_BUFFER` bytes plus one socket read, at most
-:data:`MAX_QUEUED` bytes of output wait for the consumer, and each result
-keeps the first ``max_output`` bytes of each stream.  A consumer that stops
+Memory stays bounded however much the guests print.  Each session reads
+about :data:`SESSION_BUFFER` bytes ahead (:mod:`fcvsock.session` states how
+far one read may overshoot it), at most :data:`MAX_QUEUED` bytes of output
+wait for the consumer, and each result keeps the first ``max_output`` bytes
+of each stream.  A consumer that stops
 reading makes the sessions stop reading too, so the guests block on their
 full vsock buffers.
 
@@ -63,7 +64,6 @@ from . import aio
 from ._request import build_start
 from .errors import (
     ConnectFailedError,
-    ConnectionLostError,
     HandshakeTimeoutError,
     ProtocolError,
     SessionError,
@@ -98,9 +98,8 @@ DEFAULT_PARALLEL = 64
 DEFAULT_CONNECT_TIMEOUT = 10.0
 # Bytes of each stream a VMResult keeps, per VM.
 DEFAULT_MAX_OUTPUT = 256 * 1024
-# Output each session reads ahead of the consumer (the max_buffered of
-# fcvsock.aio.stream).  A read under way when the limit is reached may add
-# up to fcvsock.session.READ_BUDGET (1 MiB) more.
+# Output each session reads ahead of the consumer: the max_buffered of
+# fcvsock.aio.stream, which fcvsock.session enforces.
 SESSION_BUFFER = 256 * 1024
 # Output bytes queued between all sessions and the consumer.
 MAX_QUEUED = 1024 * 1024
@@ -533,7 +532,10 @@ async def _run_target(
                     continue
                 kept.add(item.stream, item.data)
                 await queue.put_output(VMOutput(target, item.stream, item.data))
-    except (ConnectionLostError, SessionError, ProtocolError, OSError) as exc:
+    except (
+        HandshakeTimeoutError, ConnectFailedError, ProtocolError, SessionError,
+        OSError,
+    ) as exc:
         error = _classify(exc)
         message = str(exc)
         log.debug("fanout: %s (%s): %s: %s", target.name, target.uds_path, error, exc)
