@@ -620,7 +620,7 @@ def _make_settings(
     return settings
 
 
-async def stream(
+def stream(
     targets: PathLike | Target | Iterable[PathLike | Target],
     cmd: Sequence[str] | None = None,
     *,
@@ -651,7 +651,7 @@ async def stream(
     :class:`VMResult` follows them.  Wrap the iterator in
     :func:`contextlib.aclosing`: closing it cancels the sessions still
     running and closes their sockets.  Invalid arguments raise
-    ``ValueError`` or ``TypeError`` before any VM is contacted.
+    ``ValueError`` or ``TypeError`` at the call, before any VM is contacted.
     """
     resolved = expand_targets(targets, name_from)
     settings = _make_settings(
@@ -659,6 +659,12 @@ async def stream(
         connect_timeout=connect_timeout, input=input, env=env, cwd=cwd,
         user=user, timeout_seconds=timeout_seconds, max_output=max_output,
     )
+    return _stream_events(resolved, settings, parallel)
+
+
+async def _stream_events(
+    resolved: list[Target], settings: _Settings, parallel: int
+) -> AsyncGenerator[VMOutput | VMResult, None]:
     pending = deque(resolved)
     queue = _EventQueue(MAX_QUEUED)
     workers = [

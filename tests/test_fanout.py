@@ -976,11 +976,12 @@ def test_cli_interrupt(peers: Peers, vms_dir: Path) -> None:
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as process:
         try:
-            assert agent.started.wait(WAIT)
+            started = agent.started.wait(WAIT)
             process.send_signal(signal.SIGINT)
             _, err = process.communicate(timeout=WAIT)
         finally:
             process.kill()
+    assert started, err.decode(errors="replace")
     assert process.returncode == fanout_cli.EXIT_INTERRUPTED
     assert agent.client_closed.wait(WAIT)
     assert b"interrupted, 0 of 1 VM done" in err
