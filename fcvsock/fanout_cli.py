@@ -27,9 +27,9 @@ from .protocol import AGENT_PORT
 
 __all__ = [
     "EXIT_COMMAND_FAILED",
+    "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
-    "EXIT_USAGE",
     "EXIT_VM_FAILED",
     "main",
 ]
@@ -38,7 +38,7 @@ EXIT_OK = 0
 EXIT_COMMAND_FAILED = 1
 EXIT_VM_FAILED = 2
 EXIT_INTERRUPTED = 130
-EXIT_USAGE = 255
+EXIT_FAILURE = 255
 
 _PROG = "fcvsock fanout"
 _EPILOG = f"""\
@@ -67,18 +67,20 @@ exit status:
   {EXIT_VM_FAILED}    at least one VM was unreachable, timed out, broke the protocol
        or lost the connection (takes precedence over {EXIT_COMMAND_FAILED})
   {EXIT_INTERRUPTED}  interrupted by SIGINT; the summary covers the VMs done by then
-  {EXIT_USAGE}  invalid arguments, a glob that matched nothing, two VMs with the
-       same name, or an --out-dir that cannot be written"""
+  {EXIT_FAILURE}  invalid arguments, a glob that matched nothing, two VMs with the
+       same name, an --out-dir that cannot be written, or writing the
+       output failed while the VMs ran"""
 
 # Names longer than this are not padded, so one long name does not push
 # every line to the right.
 _MAX_PAD = 32
 _PROGRESS_INTERVAL = 0.25
 _CLEAR_LINE = b"\r\x1b[K"
+_INTERRUPTED = "interrupted"
 
 
 class _UsageError(Exception):
-    """Invalid command line; main() reports it and returns EXIT_USAGE."""
+    """Invalid command line; main() reports it and returns EXIT_FAILURE."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -326,7 +328,8 @@ class _FanoutRun:
         self.console = console
         self.results: list[VMResult] = []
         self.started = time.monotonic()
-        self.interrupted = False
+        # Why the run ended before every VM finished, if it did.
+        self.stopped: str | None = None
         self._printer: _LinePrinter | None = None
         self._files: _OutputFiles | None = None
         if args.out_dir is not None:
@@ -403,7 +406,7 @@ _KIND_LABELS = {
 
 
 def _counts_line(
-    results: Sequence[VMResult], total: int, elapsed: float, interrupted: bool
+    results: Sequence[VMResult], total: int, elapsed: float, stopped: str | None
 ) -> str:
     counts = Counter(
         "ok" if result.ok
@@ -418,8 +421,8 @@ def _counts_line(
     parts += [f"{counts[label]} {label}" for label in rare if counts[label]]
     vms = "VM" if total == 1 else "VMs"
     head = f"fanout: {total} {vms}"
-    if interrupted:
-        head = f"fanout: interrupted, {len(results)} of {total} {vms} done"
+    if stopped is not None:
+        head = f"fanout: {stopped}, {len(results)} of {total} {vms} done"
     return f"{head}: {', '.join(parts)} in {elapsed:.1f} s"
 
 
@@ -454,9 +457,12 @@ def _short_detail(message: str) -> str:
     return message.rpartition(": ")[2]
 
 
-def _exit_status(results: Sequence[VMResult], interrupted: bool) -> int:
-    if interrupted:
+def _exit_status(run: _FanoutRun) -> int:
+    if run.stopped == _INTERRUPTED:
         return EXIT_INTERRUPTED
+    if run.stopped is not None:
+        return EXIT_FAILURE
+    results = run.results
     if any(result.error is not None for result in results):
         return EXIT_VM_FAILED
     if any(not result.ok for result in results):
@@ -466,7 +472,7 @@ def _exit_status(results: Sequence[VMResult], interrupted: bool) -> int:
 
 def _write_summary(run: _FanoutRun) -> None:
     elapsed = time.monotonic() - run.started
-    lines = [_counts_line(run.results, len(run.targets), elapsed, run.interrupted)]
+    lines = [_counts_line(run.results, len(run.targets), elapsed, run.stopped)]
     lines += _failure_table(run.results, run.targets)
     text = "".join(line + "\n" for line in lines)
     run.console.write(run.console.stderr, text.encode())
@@ -503,15 +509,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"{_PROG}: {exc}", file=sys.stderr)
         print(f"usage: {_PROG} [options] TARGET... -- CMD [ARG...]", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILURE
     except SystemExit as exc:
         # --help
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     try:
         asyncio.run(run.execute())
     except KeyboardInterrupt:
-        run.interrupted = True
+        run.stopped = _INTERRUPTED
+    except OSError as exc:
+        # Sessions turn their own errors into results, so this came from
+        # writing the output; the sessions were cancelled.
+        run.stopped = "stopped"
+        print(f"{_PROG}: writing the output failed: {exc}", file=sys.stderr)
     finally:
         run.finish()
     _write_summary(run)
-    return _exit_status(run.results, run.interrupted)
+    return _exit_status(run)

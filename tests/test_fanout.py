@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -530,6 +531,11 @@ def test_run_rejects_arguments_first(
     assert peer.connections == 0
 
 
+def test_stream_rejects_arguments_at_call(vms_dir: Path) -> None:
+    with pytest.raises(ValueError, match="parallel must be"):
+        fanout.stream(str(vms_dir / "vm.sock"), ["true"], parallel=0)
+
+
 def test_run_rejects_string_cmd(vms_dir: Path) -> None:
     with pytest.raises(TypeError, match="sequence of arguments"):
         fanout.run_blocking(str(vms_dir / "vm.sock"), "uname -a")
@@ -773,6 +779,30 @@ def test_cli_out_dir(
     assert (out_dir / "quiet.stderr").read_bytes() == b""
 
 
+def test_cli_out_dir_removed_while_running(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out_dir = tmp_path / "out"
+
+    def remove_then_print(conn: socket.socket) -> None:
+        accept_start(conn)
+        shutil.rmtree(out_dir)
+        conn.sendall(stdout_frame(b"lost\n"))
+        wait_until_eof(conn)
+
+    start_vm(peers, vms_dir, "a", remove_then_print)
+    status = run_cli(
+        "--out-dir", str(out_dir), str(vms_dir / "*" / "v.sock"), "--", "true"
+    )
+    _, err = capsys.readouterr()
+    assert status == fanout_cli.EXIT_FAILURE
+    assert "writing the output failed" in err
+    assert "fanout: stopped, 0 of 1 VM done" in err
+
+
 def test_cli_out_dir_not_writable(
     vms_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -782,7 +812,7 @@ def test_cli_out_dir_not_writable(
         "--out-dir", str(blocker / "sub"), str(vms_dir / "vm.sock"), "--", "true"
     )
     _, err = capsys.readouterr()
-    assert status == fanout_cli.EXIT_USAGE
+    assert status == fanout_cli.EXIT_FAILURE
     assert "--out-dir" in err
 
 
@@ -946,7 +976,7 @@ def test_cli_usage_errors(
 ) -> None:
     status = run_cli(*words)
     _, err = capsys.readouterr()
-    assert status == fanout_cli.EXIT_USAGE
+    assert status == fanout_cli.EXIT_FAILURE
     assert message in err
     assert "usage: fcvsock fanout" in err
 
@@ -955,7 +985,7 @@ def test_cli_duplicate_names(vms_dir: Path, capsys: pytest.CaptureFixture[str]) 
     paths = [socket_path(vms_dir, "a"), socket_path(vms_dir, "b")]
     status = run_cli("--name-from", "stem", *paths, "--", "true")
     _, err = capsys.readouterr()
-    assert status == fanout_cli.EXIT_USAGE
+    assert status == fanout_cli.EXIT_FAILURE
     assert "'v' is used by both" in err
 
 
