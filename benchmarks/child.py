@@ -23,9 +23,10 @@ from typing import Any
 
 HEADER = struct.Struct("<BI")
 STDOUT_TYPE = 0x10
-ACK = struct.Struct("<Q")
-# Unix stream sockets queue at most one sender buffer; reads past that size
-# only add page faults, so 1 MiB covers any single recv.
+# A u64 count: frames a receiver requests from a sender, bytes a drain received.
+COUNT = struct.Struct("<Q")
+# One recv on a Unix stream socket returns at most the sender's SO_SNDBUF
+# (net.core.wmem_default, 208 KiB unless raised), so 1 MiB never limits it.
 DRAIN_BUFFER_SIZE = 1024 * 1024
 
 
@@ -69,22 +70,33 @@ def _serve(path: str, handle: Callable[[socket.socket], None]) -> None:
         os.unlink(path)
 
 
+def _receive_exactly(conn: socket.socket, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        chunk = conn.recv(size - len(received))
+        if not chunk:
+            raise ConnectionResetError("peer closed before sending a frame count")
+        received += chunk
+    return received
+
+
 def run_sender(args: argparse.Namespace) -> None:
-    """Send ``frames`` pre-built frames to every connection, then close it."""
-    blob_frames = max(1, min(args.frames, args.blob_bytes // (args.payload + 5)))
-    if args.frames % blob_frames:
-        raise SystemExit(
-            f"sender: frames ({args.frames}) must be a multiple of the frames "
-            f"per blob ({blob_frames})"
-        )
+    """Send each connection the number of frames it requests, then close it.
+
+    The receiver sends the count (``COUNT``) right after connecting.
+    """
+    wire_size = args.payload + HEADER.size
+    blob_frames = max(1, args.blob_bytes // wire_size)
     blob = build_frames(args.payload, blob_frames)
-    repeats = args.frames // blob_frames
+    view = memoryview(blob)
 
-    def send_all(conn: socket.socket) -> None:
-        for _ in range(repeats):
+    def send_frames(conn: socket.socket) -> None:
+        (frames,) = COUNT.unpack(_receive_exactly(conn, COUNT.size))
+        for _ in range(frames // blob_frames):
             conn.sendall(blob)
+        conn.sendall(view[: (frames % blob_frames) * wire_size])
 
-    _serve(args.path, send_all)
+    _serve(args.path, send_frames)
 
 
 def run_drain(args: argparse.Namespace) -> None:
@@ -98,7 +110,7 @@ def run_drain(args: argparse.Namespace) -> None:
             if not count:
                 break
             total += count
-        conn.sendall(ACK.pack(total))
+        conn.sendall(COUNT.pack(total))
 
     _serve(args.path, drain)
 
@@ -149,7 +161,7 @@ def run_vms(args: argparse.Namespace) -> None:
 
 
 def run_vmm(args: argparse.Namespace) -> None:
-    """Answer ``CONNECT <port>`` with ``OK <n>`` and hold each connection.
+    """Reply ``OK <n>`` to ``CONNECT <port>`` and hold each connection.
 
     A minimal emulated VMM, used only when :mod:`fcvsock.localvm` is missing.
     """
@@ -286,7 +298,6 @@ def _build_parser() -> argparse.ArgumentParser:
     sender = roles.add_parser("sender", help="send pre-built frames")
     sender.add_argument("path")
     sender.add_argument("--payload", type=int, required=True)
-    sender.add_argument("--frames", type=int, required=True)
     sender.add_argument("--blob-bytes", type=int, default=1024 * 1024)
     sender.set_defaults(run=run_sender)
 

@@ -39,6 +39,26 @@ def run_interleaved(
     return samples
 
 
+def calibrate(
+    trial: Callable[[int], float],
+    units: int,
+    target_seconds: float,
+    max_units: int,
+) -> int:
+    """Return how many units of work make ``trial(units)`` last ``target_seconds``.
+
+    Starts at ``units`` and grows it until a trial lasts a tenth of the
+    target, then scales linearly; the trials also warm caches and allocators.
+    """
+    units = max(1, min(units, max_units))
+    elapsed = trial(units)
+    while elapsed < target_seconds / 10 and units < max_units:
+        units = min(units * 8, max_units)
+        elapsed = trial(units)
+    scaled = int(units * target_seconds / max(elapsed, 1e-9))
+    return max(1, min(scaled, max_units))
+
+
 def summarize(values: Sequence[float]) -> dict[str, Any]:
     """Return the median, min, max and every sample."""
     return {

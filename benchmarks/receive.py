@@ -1,8 +1,9 @@
 """Receive throughput over a Unix socket, one sender process per frame size.
 
-The sender (``benchmarks.child sender``) pre-builds its frames and writes the
-same bytes to every connection.  Each receiver connects, starts the clock,
-reads ``frames`` frames and stops the clock:
+The sender (``benchmarks.child sender``) pre-builds its frames once and
+writes them to every connection.  Each receiver connects, requests a number
+of frames, starts the clock, reads them and stops the clock.  The number is
+calibrated per receiver, so that every trial lasts about ``TRIAL_SECONDS``:
 
 - ``compiled`` and ``twin``: ``FrameDecoder.read_fd`` on a non-blocking
   socket with the default read budget, waiting in ``poll`` whenever a call
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import select
 import socket
 import struct
@@ -26,38 +28,35 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks import measure
-from benchmarks.child import HEADER
+from benchmarks.child import COUNT, HEADER
 from fcvsock import _core
 
 SIZES = [64, 4096, 64 * 1024, 1024 * 1024, 16 * 1024 * 1024]
-# Wire bytes per trial: enough for ~0.1 s at the fastest contender here.
-FULL_VOLUME = {64: 24_000_000, 4096: 160_000_000}
-FULL_DEFAULT_VOLUME = 512 * 1024 * 1024
-QUICK_VOLUME = 2 * 1024 * 1024
+TRIAL_SECONDS = 0.3
+MAX_TRIAL_BYTES = 4 << 30
+QUICK_BYTES = 2 << 20
+CALIBRATION_BYTES = 1 << 20
 RAW_BUFFER_SIZE = 1024 * 1024
 # Frames per sendall() in the sender: many small frames, or one large one.
 SENDER_BLOB_BYTES = 1024 * 1024
 _HEADER = struct.Struct("<BI")
 
 
-def frame_count(payload_size: int, quick: bool) -> int:
-    """Return how many frames one trial receives at this payload size."""
-    wire_size = payload_size + HEADER.size
-    volume = (
-        QUICK_VOLUME if quick else FULL_VOLUME.get(payload_size, FULL_DEFAULT_VOLUME)
-    )
-    frames = max(1, volume // wire_size)
-    per_blob = max(1, SENDER_BLOB_BYTES // wire_size)
-    if frames > per_blob:
-        frames -= frames % per_blob
-    return frames
+def _frames_in(volume: int, payload_size: int) -> int:
+    return max(1, volume // (payload_size + HEADER.size))
+
+
+def _connect(path: str, frames: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(COUNT.pack(frames))
+    return sock
 
 
 def receive_with_core(
     core: ModuleType, path: str, frames: int, payload_size: int
 ) -> float:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    sock = _connect(path, frames)
     sock.setblocking(False)
     decoder = core.FrameDecoder()
     fd = sock.fileno()
@@ -85,8 +84,7 @@ def receive_raw(path: str, frames: int, payload_size: int) -> float:
     expected = frames * (payload_size + HEADER.size)
     buffer = bytearray(max(RAW_BUFFER_SIZE, payload_size + HEADER.size))
     view = memoryview(buffer)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    sock = _connect(path, frames)
     received = 0
     position = 0
     start = time.perf_counter()
@@ -105,6 +103,8 @@ def receive_raw(path: str, frames: int, payload_size: int) -> float:
 
 async def _receive_asyncio(path: str, frames: int, payload_size: int) -> float:
     reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(COUNT.pack(frames))
+    await writer.drain()
     payload = b""
     start = time.perf_counter()
     for _ in range(frames):
@@ -156,6 +156,7 @@ def run(quick: bool, repetitions: int) -> dict[str, Any]:
     return {
         "unit": "bytes/s of frames (header + payload) received",
         "sizes": SIZES,
+        "trial_seconds": None if quick else TRIAL_SECONDS,
         "contenders": list(receivers),
         "compiled_missing": _core.cython_core is None,
         "results": results,
@@ -165,21 +166,29 @@ def run(quick: bool, repetitions: int) -> dict[str, Any]:
 def _run_size(
     path: str, size: int, quick: bool, repetitions: int, receivers: dict[str, Any]
 ) -> dict[str, Any]:
-    frames = frame_count(size, quick)
-    wire_bytes = frames * (size + HEADER.size)
-    arguments = ["--payload", str(size), "--frames", str(frames)]
-    arguments += ["--blob-bytes", str(SENDER_BLOB_BYTES)]
-    with measure.server_child("sender", path, *arguments):
-        trials = {
-            name: (lambda receiver=receiver: receiver(path, frames, size))
+    with measure.server_child(
+        "sender", path, "--payload", str(size), "--blob-bytes", str(SENDER_BLOB_BYTES)
+    ):
+        frames = {
+            name: _trial_frames(receiver, path, size, quick)
             for name, receiver in receivers.items()
         }
-        seconds = measure.run_interleaved(trials, repetitions)
+        trials = {
+            name: (lambda r=receiver, n=frames[name]: _count_faults(r, path, n, size))
+            for name, receiver in receivers.items()
+        }
+        outcomes = measure.run_interleaved(trials, repetitions)
+    seconds = {name: [s for s, _ in values] for name, values in outcomes.items()}
+    faults = {
+        name: [f / frames[name] for _, f in values] for name, values in outcomes.items()
+    }
+    wire_size = size + HEADER.size
     throughput = {
-        name: measure.rates(wire_bytes, values) for name, values in seconds.items()
+        name: measure.rates(frames[name] * wire_size, values)
+        for name, values in seconds.items()
     }
     frame_rates = {
-        name: measure.rates(frames, values) for name, values in seconds.items()
+        name: measure.rates(frames[name], values) for name, values in seconds.items()
     }
     ratios = {
         f"{a}/{b}": measure.paired_ratio(throughput[a], throughput[b])
@@ -189,9 +198,31 @@ def _run_size(
     }
     return {
         "payload_bytes": size,
-        "frames": frames,
-        "wire_bytes": wire_bytes,
+        "frames_per_trial": frames,
         "bytes_per_s": {name: measure.summarize(v) for name, v in throughput.items()},
         "frames_per_s": {name: measure.summarize(v) for name, v in frame_rates.items()},
+        "minor_faults_per_frame": {
+            name: measure.summarize(v) for name, v in faults.items()
+        },
         "ratios": ratios,
     }
+
+
+def _count_faults(
+    receiver: Any, path: str, frames: int, size: int
+) -> tuple[float, int]:
+    # Minor faults show memory the kernel had to map and zero for a trial.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds = receiver(path, frames, size)
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _trial_frames(receiver: Any, path: str, size: int, quick: bool) -> int:
+    if quick:
+        return _frames_in(QUICK_BYTES, size)
+    return measure.calibrate(
+        lambda frames: receiver(path, frames, size),
+        _frames_in(CALIBRATION_BYTES, size),
+        TRIAL_SECONDS,
+        _frames_in(MAX_TRIAL_BYTES, size),
+    )

@@ -2,8 +2,9 @@
 
 A drain process (``benchmarks.child drain``) reads each connection to EOF
 and sends back the byte count.  A trial connects, starts the clock, sends
-``frames`` frames, shuts down its write side and stops the clock when the
-count arrives, so every byte was taken by the receiver.
+its frames, shuts down its write side and stops the clock when the count
+arrives, so every byte was taken by the receiver.  The number of frames is
+calibrated per writer, so that every trial lasts about ``TRIAL_SECONDS``.
 
 - ``compiled`` and ``twin``: ``burst`` calls to ``write`` and then ``flush``
   on a non-blocking socket, waiting in ``poll`` while bytes are pending;
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import measure, syscalls
-from benchmarks.child import ACK, HEADER, STDOUT_TYPE
+from benchmarks.child import COUNT, HEADER, STDOUT_TYPE
 from fcvsock import _core
 
 CONTENDERS = ["compiled", "twin", "naive"]
+TRIAL_SECONDS = 0.3
+MAX_TRIAL_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,14 @@ class Workload:
     name: str
     payload_bytes: int
     burst: int
-    frames_full: int
     frames_quick: int
     frames_traced: int
 
 
 WORKLOADS = [
-    Workload("16 MiB frames", 16 * 1024 * 1024, 1, 32, 1, 4),
-    Workload("4 KiB frames, bursts of 32", 4096, 32, 64_000, 320, 2048),
-    Workload("64 B frames, bursts of 32", 64, 32, 320_000, 320, 2048),
+    Workload("16 MiB frames", 16 * 1024 * 1024, 1, 1, 4),
+    Workload("4 KiB frames, bursts of 32", 4096, 32, 320, 2048),
+    Workload("64 B frames, bursts of 32", 64, 32, 320, 2048),
 ]
 
 
@@ -59,10 +61,10 @@ def send_frames(
     else:
         _send_with_writer(contender, sock, payload, frames, burst)
     sock.shutdown(socket.SHUT_WR)
-    reply = _receive_exactly(sock, ACK.size)
+    reply = _receive_exactly(sock, COUNT.size)
     elapsed = time.perf_counter() - start
     sock.close()
-    (received,) = ACK.unpack(reply)
+    (received,) = COUNT.unpack(reply)
     expected = frames * (len(payload) + HEADER.size)
     if received != expected:
         raise RuntimeError(
@@ -122,6 +124,7 @@ def run(quick: bool, repetitions: int, trace: bool) -> dict[str, Any]:
     return {
         "unit": "bytes/s of frames (header + payload) sent and drained",
         "contenders": names,
+        "trial_seconds": None if quick else TRIAL_SECONDS,
         "compiled_missing": _core.cython_core is None,
         "strace": trace,
         "results": results,
@@ -136,18 +139,24 @@ def _run_workload(
     repetitions: int,
     trace: bool,
 ) -> dict[str, Any]:
-    frames = workload.frames_quick if quick else workload.frames_full
     payload = bytes(workload.payload_bytes)
-    wire_bytes = frames * (workload.payload_bytes + HEADER.size)
+    wire_size = workload.payload_bytes + HEADER.size
+    frames = {
+        name: _trial_frames(name, path, payload, workload, quick) for name in names
+    }
     trials = {
         name: (
-            lambda name=name: send_frames(name, path, payload, frames, workload.burst)
+            lambda name=name: send_frames(
+                name, path, payload, frames[name], workload.burst
+            )
         )
         for name in names
     }
     seconds = measure.run_interleaved(trials, repetitions)
-    throughput = {name: measure.rates(wire_bytes, v) for name, v in seconds.items()}
-    frame_rates = {name: measure.rates(frames, v) for name, v in seconds.items()}
+    throughput = {
+        name: measure.rates(frames[name] * wire_size, v) for name, v in seconds.items()
+    }
+    frame_rates = {name: measure.rates(frames[name], v) for name, v in seconds.items()}
     ratios = {
         f"{a}/naive": measure.paired_ratio(throughput[a], throughput["naive"])
         for a in names
@@ -157,7 +166,7 @@ def _run_workload(
     return {
         "payload_bytes": workload.payload_bytes,
         "burst": workload.burst,
-        "frames": frames,
+        "frames_per_trial": frames,
         "bytes_per_s": {name: measure.summarize(v) for name, v in throughput.items()},
         "frames_per_s": {name: measure.summarize(v) for name, v in frame_rates.items()},
         "ratios": ratios,
@@ -168,6 +177,19 @@ def _run_workload(
             workload, path, names, traced_frames
         ),
     }
+
+
+def _trial_frames(
+    name: str, path: str, payload: bytes, workload: Workload, quick: bool
+) -> int:
+    if quick:
+        return workload.frames_quick
+    return measure.calibrate(
+        lambda frames: send_frames(name, path, payload, frames, workload.burst),
+        workload.frames_quick,
+        TRIAL_SECONDS,
+        MAX_TRIAL_BYTES // (len(payload) + HEADER.size),
+    )
 
 
 def _strace_per_frame(
