@@ -247,7 +247,8 @@ class _RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self.samples.append((time.perf_counter() - self.start_time, _rss_bytes()))
+            elapsed = round(time.perf_counter() - self.start_time, 4)
+            self.samples.append((elapsed, _rss_bytes()))
             self.stop_event.wait(self.interval)
 
 

@@ -164,11 +164,25 @@ def measure_all(
     return document
 
 
+def _format_json(value: Any, indent: str = "") -> str:
+    # One key per line, but a list of numbers on one line: samples and RSS
+    # traces would otherwise take tens of thousands of lines.
+    inner = indent + " "
+    if isinstance(value, dict) and value:
+        items = [
+            f"{inner}{json.dumps(str(k))}: {_format_json(v, inner)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        items = [inner + _format_json(v, inner) for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + indent + "]"
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _write_json(document: dict[str, Any], path: Path) -> None:
     temporary = path.with_suffix(".json.tmp")
-    with open(temporary, "w", encoding="utf-8") as output:
-        json.dump(document, output, indent=1)
-        output.write("\n")
+    temporary.write_text(_format_json(document) + "\n", encoding="utf-8")
     os.replace(temporary, path)
 
 
