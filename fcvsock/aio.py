@@ -10,14 +10,29 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
+from typing import Any, Self
 
-from .errors import ClockSyncError, ConnectionLostError, SessionTimeoutError
+from ._request import InputFeeder, build_start, check_session_timeout, signal_payload
+from .client import (
+    CLOCK_SYNC_REPLY_TIMEOUT,
+    _check_clock_reply,
+    _check_options,
+    _discard_output,
+    _feed_input,
+    _timed_out,
+)
+from .errors import ClockSyncError, ConnectionLostError
 from .handshake import DEFAULT_CONNECT_TIMEOUT, Handshake, connect_async
-from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize, encode_signal
-from ._request import InputFeeder, build_start
-from .client import CLOCK_SYNC_REPLY_TIMEOUT, _check_clock_reply, _feed_input
+from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize
 from .session import (
     DEFAULT_MAX_BUFFERED,
     WRITE_HIGH_WATER,
@@ -42,14 +57,20 @@ PathLike = str | os.PathLike[str]
 
 
 class _LoopDriver:
-    """Connects a :class:`SessionCore` to the event loop."""
+    """Connects a :class:`SessionCore` to the event loop.
+
+    Any number of tasks may wait at once, such as one writing stdin while
+    another reads output.  Every readiness callback wakes them all, and each
+    checks again what it waits for.
+    """
 
     def __init__(self, core: SessionCore) -> None:
         self.core = core
         self.loop = asyncio.get_running_loop()
+        self._fd = core.fd
         self._reading = False
         self._writing = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
         self.update()
 
     def update(self) -> None:
@@ -60,15 +81,15 @@ class _LoopDriver:
             return
         want_read = core.wants_read
         if want_read and not self._reading:
-            self.loop.add_reader(core.fd, self._on_readable)
+            self.loop.add_reader(self._fd, self._on_readable)
         elif not want_read and self._reading:
-            self.loop.remove_reader(core.fd)
+            self.loop.remove_reader(self._fd)
         self._reading = want_read
         want_write = core.pending_writes > 0 and core.write_error is None
         if want_write and not self._writing:
-            self.loop.add_writer(core.fd, self._on_writable)
+            self.loop.add_writer(self._fd, self._on_writable)
         elif not want_write and self._writing:
-            self.loop.remove_writer(core.fd)
+            self.loop.remove_writer(self._fd)
         self._writing = want_write
 
     async def wait(self) -> None:
@@ -78,14 +99,14 @@ class _LoopDriver:
             # Nothing can change without the caller acting; do not hang.
             return
         waiter = self.loop.create_future()
-        self._waiter = waiter
+        self._waiters.add(waiter)
         try:
             await waiter
         finally:
-            self._waiter = None
+            self._waiters.discard(waiter)
 
     def close(self) -> None:
-        """Unregister the fd and close the socket."""
+        """Unregister the fd, close the socket and wake every waiter."""
         self._unregister()
         self.core.close()
         self._wake()
@@ -93,10 +114,10 @@ class _LoopDriver:
     def _unregister(self) -> None:
         # Before the socket closes: a closed fd number may be reused at once.
         if self._reading:
-            self.loop.remove_reader(self.core.fd)
+            self.loop.remove_reader(self._fd)
             self._reading = False
         if self._writing:
-            self.loop.remove_writer(self.core.fd)
+            self.loop.remove_writer(self._fd)
             self._writing = False
 
     def _on_readable(self) -> None:
@@ -110,9 +131,9 @@ class _LoopDriver:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class _Session:
@@ -124,17 +145,24 @@ class _Session:
         self.timeout = timeout
         self.deadline = None if timeout is None else self.driver.loop.time() + timeout
 
-    async def wait(self, deadline: float | None = None) -> None:
-        deadline = _earliest(self.deadline, deadline)
+    async def wait(
+        self, deadline: float | None = None, limit: float | None = None
+    ) -> None:
+        """Wait for progress until the session's deadline or ``deadline``.
+
+        ``limit`` is the timeout that ``deadline`` came from, for the error.
+        When the earlier deadline passes, the connection is closed and
+        :class:`SessionTimeoutError` is raised.
+        """
+        own = self.deadline
+        if deadline is None or (own is not None and own <= deadline):
+            deadline, limit = own, self.timeout
         try:
             async with asyncio.timeout_at(deadline):
                 await self.driver.wait()
         except TimeoutError:
             self.driver.close()
-            reason = f"no exit status within {self.timeout:g} s; connection closed"
-            if deadline != self.deadline:
-                reason = "wait timed out; connection closed"
-            raise self.core.make_error(SessionTimeoutError, reason) from None
+            raise _timed_out(self.core, limit) from None
 
     def feed_input(self, feeder: InputFeeder) -> None:
         _feed_input(self.core, feeder)
@@ -159,14 +187,6 @@ class _Session:
         self.driver.close()
 
 
-def _earliest(first: float | None, second: float | None) -> float | None:
-    if first is None:
-        return second
-    if second is None:
-        return first
-    return min(first, second)
-
-
 async def _open(
     uds_path: PathLike,
     start: bytes,
@@ -178,12 +198,12 @@ async def _open(
     timeout: float | None,
 ) -> _Session:
     handshake = await connect_async(uds_path, port, connect_timeout)
-    core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
     try:
+        core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
         core.send(FrameType.START, start)
         session = _Session(core, timeout)
     except BaseException:
-        core.close()
+        handshake.sock.close()
         raise
     return session
 
@@ -204,16 +224,21 @@ async def run(
     port: int = AGENT_PORT,
     check: bool = False,
 ) -> RunResult:
-    """Run ``cmd`` in the guest; the asyncio form of :func:`fcvsock.run`."""
+    """Run ``cmd`` in the guest; the asyncio form of :func:`fcvsock.run`.
+
+    Cancelling the task closes the connection, and the agent then kills the
+    command.
+    """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
     )
+    feeder = InputFeeder(input)
+    _check_options(timeout=timeout, connect_timeout=connect_timeout, port=port)
     session = await _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
         collect=True, max_buffered=DEFAULT_MAX_BUFFERED, timeout=timeout,
     )
-    feeder = InputFeeder(input)
     core = session.core
     try:
         while not core.finished:
@@ -228,7 +253,7 @@ async def run(
     return result.check() if check else result
 
 
-async def stream(
+def stream(
     uds_path: PathLike,
     cmd: Sequence[str],
     *,
@@ -244,16 +269,40 @@ async def stream(
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
 ) -> AsyncIterator[StreamItem]:
-    """Yield output chunks, then the exit status; see :func:`fcvsock.stream`."""
+    """Yield output chunks, then the exit status; see :func:`fcvsock.stream`.
+
+    Arguments are checked at once; the connection is made when iteration
+    starts and closed by ``aclose()`` or when the iteration ends.
+    """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
     )
+    feeder = InputFeeder(input)
+    _check_options(
+        timeout=timeout, connect_timeout=connect_timeout, port=port,
+        max_buffered=max_buffered,
+    )
+    return _stream(
+        uds_path, start, feeder, port=port, connect_timeout=connect_timeout,
+        max_buffered=max_buffered, timeout=timeout,
+    )
+
+
+async def _stream(
+    uds_path: PathLike,
+    start: bytes,
+    feeder: InputFeeder,
+    *,
+    port: int,
+    connect_timeout: float,
+    max_buffered: int,
+    timeout: float | None,
+) -> AsyncIterator[StreamItem]:
     session = await _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
         collect=False, max_buffered=max_buffered, timeout=timeout,
     )
-    feeder = InputFeeder(input)
     core = session.core
     try:
         while True:
@@ -273,20 +322,24 @@ async def stream(
         session.close()
 
 
+SessionOpener = Callable[[], Awaitable[_Session]]
+
+
 class AsyncExecSession:
     """An interactive session; the asyncio form of :class:`fcvsock.ExecSession`.
 
     Use ``async with fcvsock.aio.exec(...) as session``.  Leaving the block,
     or cancelling the task inside it, closes the connection, and the agent
-    then kills a command still running.
+    then kills a command still running.  One task may write while another
+    reads.
     """
 
-    def __init__(self, connect: _PendingSession) -> None:
-        self._pending: _PendingSession | None = connect
+    def __init__(self, opener: SessionOpener) -> None:
+        self._opener: SessionOpener | None = opener
         self._session: _Session | None = None
         self._stdin_closed = False
 
-    async def __aenter__(self) -> AsyncExecSession:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -298,18 +351,19 @@ class AsyncExecSession:
     ) -> None:
         self.close()
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, Self]:
         return self.start().__await__()
 
-    async def start(self) -> AsyncExecSession:
+    async def start(self) -> Self:
         """Connect and send START; ``await exec(...)`` calls it for you."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._session = await pending.open()
+        if self._opener is not None:
+            opener, self._opener = self._opener, None
+            session = await opener()
+            self._session = session
             try:
-                await self._session.drain(0)
+                await session.drain(0)
             except BaseException:
-                self._session.close()
+                session.close()
                 raise
         return self
 
@@ -338,8 +392,8 @@ class AsyncExecSession:
         await self._send_control(FrameType.RESIZE, encode_resize(columns, rows))
 
     async def signal(self, signal_number: int) -> None:
-        """Send a signal to the command's process group."""
-        await self._send_control(FrameType.SIGNAL, encode_signal(signal_number))
+        """Send signal ``signal_number`` (1..64) to the command's process group."""
+        await self._send_control(FrameType.SIGNAL, signal_payload(signal_number))
 
     async def close_stdin(self) -> None:
         """Send EOF on the command's stdin; later writes raise."""
@@ -370,21 +424,27 @@ class AsyncExecSession:
             yield item
 
     async def wait(self, timeout: float | None = None) -> ExitStatus:
-        """Wait for the exit status; output not read by then is discarded."""
+        """Wait for the exit status; output not read by then is discarded.
+
+        ``timeout`` bounds this call in seconds, within the session's own
+        deadline.  When either passes, the connection is closed and
+        :class:`SessionTimeoutError` is raised.
+        """
+        check_session_timeout(timeout)
         session = self._live()
         core = session.core
         deadline = None if timeout is None else session.driver.loop.time() + timeout
         while core.exit_status is None:
-            while core.pop() is not None:
-                pass
+            _discard_output(core)
             if core.failure is not None:
                 raise core.error()
-            await session.wait(deadline)
+            await session.wait(deadline, timeout)
+        _discard_output(core)
         return core.exit_status
 
     def close(self) -> None:
         """Close the connection; safe to call more than once."""
-        self._pending = None
+        self._opener = None
         if self._session is not None:
             self._session.close()
 
@@ -395,21 +455,15 @@ class AsyncExecSession:
 
     def _live(self) -> _Session:
         if self._session is None:
-            raise RuntimeError("exec session: not started; use 'async with' or await it")
+            raise RuntimeError(
+                "exec session: not started; use 'async with' or await it"
+            )
         return self._session
 
 
-class _PendingSession:
-    def __init__(self, uds_path: PathLike, start: bytes, **options: object) -> None:
-        self.uds_path = uds_path
-        self.start = start
-        self.options = options
-
-    async def open(self) -> _Session:
-        return await _open(self.uds_path, self.start, **self.options)  # type: ignore[arg-type]
-
-
-def exec(  # noqa: A001 - the protocol's name for an interactive session
+# Shadows the builtin on purpose: exec is the protocol's name for an
+# interactive session.
+def exec(
     uds_path: PathLike,
     cmd: Sequence[str],
     *,
@@ -424,16 +478,26 @@ def exec(  # noqa: A001 - the protocol's name for an interactive session
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
 ) -> AsyncExecSession:
-    """Prepare an interactive session; connect with ``async with`` or ``await``."""
+    """Prepare an interactive session; connect with ``async with`` or ``await``.
+
+    Arguments are checked at once.
+    """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,
         timeout_seconds=timeout_seconds,
     )
-    pending = _PendingSession(
-        uds_path, start, port=port, connect_timeout=connect_timeout,
-        collect=False, max_buffered=max_buffered, timeout=timeout,
+    _check_options(
+        timeout=timeout, connect_timeout=connect_timeout, port=port,
+        max_buffered=max_buffered,
     )
-    return AsyncExecSession(pending)
+
+    async def open_session() -> _Session:
+        return await _open(
+            uds_path, start, port=port, connect_timeout=connect_timeout,
+            collect=False, max_buffered=max_buffered, timeout=timeout,
+        )
+
+    return AsyncExecSession(open_session)
 
 
 async def sync_clock(
@@ -444,9 +508,14 @@ async def sync_clock(
     reply_timeout: float = CLOCK_SYNC_REPLY_TIMEOUT,
 ) -> int:
     """Set the guest's wall clock; the asyncio form of :func:`fcvsock.sync_clock`."""
+    check_session_timeout(reply_timeout, "reply_timeout")
     handshake = await connect_async(uds_path, port, connect_timeout)
-    core = SessionCore(handshake, collect=True)
-    session = _Session(core, None)
+    try:
+        core = SessionCore(handshake, collect=True)
+        session = _Session(core, None)
+    except BaseException:
+        handshake.sock.close()
+        raise
     try:
         sent_ns = time.time_ns()
         seconds, nanoseconds = divmod(sent_ns, 1_000_000_000)

@@ -99,9 +99,9 @@ def _open(
 
 
 def _feed_input(core: SessionCore, feeder: InputFeeder) -> None:
-    # Queue until EOF is out or the kernel stops taking bytes: returning with
-    # nothing pending and EOF unsent would leave the caller polling for
-    # output that the command only writes after its EOF.
+    # Queue until EOF is out or the kernel stops taking bytes.  Returning
+    # with input left but nothing pending would leave the caller polling
+    # only for output, which the command may write only after its EOF.
     while core.write_error is None and not feeder.eof_sent:
         while core.pending_writes < WRITE_HIGH_WATER:
             payload = feeder.next_frame()
@@ -111,8 +111,7 @@ def _feed_input(core: SessionCore, feeder: InputFeeder) -> None:
                 break
             core.send(FrameType.STDIN, payload)
         if core.flush() > 0:
-            break
-    core.flush()
+            return
 
 
 def _timed_out(core: SessionCore, limit: float | None) -> SessionTimeoutError:
@@ -210,10 +209,10 @@ def stream(
 
     The last item is the :class:`ExitStatus`.  About ``max_buffered`` bytes
     of output (at most two frames more) wait in memory between reads; beyond
-    that the socket is not read and the guest blocks.  Arguments are those of :func:`run`.
-    Closing the generator early closes the connection, and the agent then
-    kills the command.  Arguments are checked at once; the connection is
-    made when iteration starts.
+    that the socket is not read and the guest blocks.  Arguments are those
+    of :func:`run` and are checked at once; the connection is made when
+    iteration starts.  Closing the generator early closes the connection,
+    and the agent then kills the command.
     """
     start = build_start(
         cmd, env=env, cwd=cwd, user=user, tty=tty, tty_size=tty_size,

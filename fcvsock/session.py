@@ -181,7 +181,7 @@ class SessionCore:
         """Read what the socket has and turn it into output or a result."""
         budget = self._read_budget()
         while self.wants_read:
-            held = self.decoder.buffered
+            buffered_before = self.decoder.buffered
             try:
                 frames = self.decoder.read_fd(self.fd, budget)
             except ProtocolError as exc:
@@ -190,7 +190,7 @@ class SessionCore:
             except ConnectionResetError as exc:
                 # Linux resets a Unix stream instead of ending it when the
                 # other side closed with bytes it had not read, such as an
-                # EOF frame; the bytes sent before the close were delivered.
+                # EOF frame.  The bytes sent before that close were delivered.
                 self._end_of_stream(exc)
                 return
             except OSError as exc:
@@ -202,7 +202,7 @@ class SessionCore:
             elif self.decoder.at_eof:
                 self._end_of_stream()
                 return
-            elif self.decoder.buffered - held < budget:
+            elif self.decoder.buffered - buffered_before < budget:
                 # EAGAIN with nothing new: wait for the next readable event.
                 return
             else:
@@ -285,7 +285,9 @@ class SessionCore:
         if sock is not None:
             sock.close()
         if not self.finished:
-            self.failure = (ConnectionLostError, "connection closed by the caller", None)
+            self.failure = (
+                ConnectionLostError, "connection closed by the caller", None
+            )
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -327,14 +329,14 @@ class SessionCore:
         return min(READ_BUDGET, self.max_buffered - self.buffered)
 
     def _end_of_stream(self, reset: ConnectionResetError | None = None) -> None:
-        how = "closed" if reset is None else "reset"
+        ended = "closed" if reset is None else "reset"
         try:
             self.decoder.feed_eof()
         except IncompleteFrameError as exc:
             exc.__context__ = reset
-            self._lose(f"connection {how} mid-frame: {exc}", exc)
+            self._lose(f"connection {ended} mid-frame: {exc}", exc)
             return
-        self._lose(f"connection {how} before the exit status", reset)
+        self._lose(f"connection {ended} before the exit status", reset)
 
     def _fail(self, exc: ProtocolError) -> None:
         if self.failure is None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
+import select
 import socket
 import struct
 import termios
@@ -102,6 +104,13 @@ def wait_until_eof(conn: socket.socket) -> None:
                 return
         except ConnectionResetError:
             return
+
+
+def wait_hangup(conn: socket.socket, timeout: float = WAIT) -> bool:
+    """Wait until the client closes, without reading what it sent."""
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP)
+    return bool(poller.poll(timeout * 1000))
 
 
 def accept_start(
@@ -323,8 +332,22 @@ class Peers:
             peer.close()
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+def open_sockets() -> dict[str, str]:
+    """Return the process's open socket fds with their inodes.
+
+    Unreachable socket objects are collected first.  Other fds are left
+    out because listing /proc/self/fd opens one itself.
+    """
+    gc.collect()
+    sockets = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            sockets[fd] = target
+    return sockets
 
 
 def run_in_loop(loop_kind: str, coroutine: Coroutine[Any, Any, T]) -> T:

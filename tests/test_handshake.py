@@ -19,7 +19,7 @@ from scripted_peer import (
     OK_REPLY,
     WAIT,
     Peers,
-    open_fds,
+    open_sockets,
     read_line,
     run_in_loop,
     stdout_frame,
@@ -404,14 +404,14 @@ def _failing_paths(kind: str, peers: Peers) -> tuple[str, float]:
 def test_failed_attempts_close_sockets(
     connect: Connect, peers: Peers, kind: str
 ) -> None:
-    before = open_fds()
+    before = open_sockets()
     path, timeout = _failing_paths(kind, peers)
     with pytest.raises(FcvsockError):
         connect(path, timeout=timeout)
     peers.close()
     if os.path.exists(path):
         os.unlink(path)
-    assert open_fds() == before
+    assert open_sockets() == before
 
 
 def _capture(connect: Connect, path: str) -> Any:
