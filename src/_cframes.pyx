@@ -44,7 +44,6 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, ENOTSOCK, errno
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove, memset
@@ -223,21 +222,12 @@ cdef class FrameDecoder:
     raises :class:`IncompleteFrameError` if the stream stopped inside a frame.
     """
 
-    def __cinit__(self):
-        self._buffer = NULL
-        self._buffer_size = 0
-
     def __init__(self, max_payload=MAX_PAYLOAD, buffer_size=DEFAULT_BUFFER_SIZE):
-        cdef unsigned char *buffer
-
         _check_limits(max_payload, buffer_size)
         self._max_payload = max_payload
-        buffer = <unsigned char *>PyMem_Malloc(<Py_ssize_t>buffer_size)
-        if buffer == NULL:
-            raise MemoryError()
-        PyMem_Free(self._buffer)
-        self._buffer = buffer
-        self._buffer_size = buffer_size
+        self._receive_buffer = bytearray(buffer_size)
+        self._buffer = <unsigned char *>PyByteArray_AS_STRING(self._receive_buffer)
+        self._buffer_size = PyByteArray_GET_SIZE(self._receive_buffer)
         self._direct_threshold = self._buffer_size // 4
         self._start = 0
         self._end = 0
@@ -247,10 +237,6 @@ cdef class FrameDecoder:
         self._payload_type = 0
         self._error = None
         self._eof = False
-
-    def __dealloc__(self):
-        PyMem_Free(self._buffer)
-        self._buffer = NULL
 
     @property
     def at_eof(self):
@@ -325,7 +311,7 @@ cdef class FrameDecoder:
         raise error
 
     cdef int _raise_pending(self) except -1:
-        if self._buffer == NULL:
+        if self._receive_buffer is None:
             raise RuntimeError("frame decoder: __init__ was not called")
         if self._error is not None:
             error = self._error
@@ -376,17 +362,18 @@ cdef class FrameDecoder:
         cdef int error_number
         cdef char *target
         cdef bytes payload
+        # Local references keep the target objects alive while the GIL is
+        # released, whatever another thread does to this decoder.
+        cdef bytearray receive_buffer = self._receive_buffer
 
         while received < budget and self._error is None and not self._eof:
-            # The local reference keeps the payload alive while the GIL is
-            # released, whatever another thread does to this decoder.
             payload = self._payload
             if payload is not None:
                 target = PyBytes_AS_STRING(payload) + self._payload_filled
                 size = self._payload_length - self._payload_filled
             else:
                 self._make_room()
-                target = <char *>self._buffer + self._end
+                target = PyByteArray_AS_STRING(receive_buffer) + self._end
                 size = self._buffer_size - self._end
             size = min(size, budget - received)
             with nogil:

@@ -9,9 +9,12 @@ from posix.uio cimport iovec
 cdef class FrameDecoder:
     # Largest payload length accepted from a header.
     cdef Py_ssize_t _max_payload
-    # Receive buffer from PyMem_Malloc; never resized.
+    # Receive buffer, allocated in __init__ and never resized, so _buffer
+    # stays valid while the bytearray lives.
+    cdef bytearray _receive_buffer
+    # Storage of _receive_buffer.
     cdef unsigned char *_buffer
-    # Size of _buffer in bytes.
+    # Size of _receive_buffer in bytes.
     cdef Py_ssize_t _buffer_size
     # buffer_size // 4.  A longer payload that is not complete in _buffer
     # gets its own bytes object.
