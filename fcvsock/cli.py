@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
-from . import aio
+from . import aio, terminal
 from .errors import FcvsockError, SessionTimeoutError
 from .handshake import DEFAULT_CONNECT_TIMEOUT
 from .protocol import AGENT_PORT
@@ -28,6 +28,32 @@ _EPILOG = """\
 exit status: the remote command's (128+N when signal N killed it);
 124 when --timeout expired; 255 when fcvsock itself failed
 (socket missing, guest not ready, protocol error)."""
+
+# Without CMD, exec starts the guest user's shell as a login shell: $SHELL from
+# the agent's environment, or /bin/sh when that is unset.
+_LOGIN_SHELL = ("/bin/sh", "-c", 'exec "${SHELL:-/bin/sh}" -l')
+
+_DOUBLE_INTERRUPT = f"{terminal.DOUBLE_INTERRUPT_SECONDS:g} s"
+_EXEC_EPILOG = f"""\
+Without CMD, exec starts $SHELL of the guest agent's environment as a login
+shell, or /bin/sh -l when SHELL is unset, and implies -t when stdin is a
+terminal.
+
+With -t and a terminal on stdin, this terminal runs in raw mode: every key,
+Ctrl-C, Ctrl-Z and Ctrl-D included, goes to the remote terminal, whose size
+follows this window.  TERM is passed on unless -e sets it.  The terminal's
+settings are restored when fcvsock exits, also after SIGHUP, SIGINT, SIGQUIT,
+SIGPIPE or SIGTERM, which end the session with exit status 128+N.
+
+{terminal.ESCAPE_HELP}
+
+With -t and a stdin that is not a terminal, fcvsock warns and still runs CMD
+under a remote pseudo-terminal, as ssh -tt does, without raw mode or escapes.
+
+Without -t and with a terminal on stdin, Ctrl-C sends SIGINT to the remote
+command; a second Ctrl-C within {_DOUBLE_INTERRUPT} closes the session (exit status 130).
+
+{_EPILOG}"""
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +122,9 @@ def _build_parser(split: bool = False) -> argparse.ArgumentParser:
     _add_command_options(run, split)
 
     exec_ = commands.add_parser(
-        "exec", help="start an interactive command", epilog=_EPILOG,
-        description="Start CMD in the guest and forward this terminal's stdin "
-        "to it as it is typed.",
+        "exec", help="start an interactive command", epilog=_EXEC_EPILOG,
+        description="Start CMD (default: a login shell) in the guest and "
+        "connect this terminal to it, forwarding stdin as it is typed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_command_options(exec_, split)
@@ -147,7 +173,7 @@ def _split_target(args: argparse.Namespace, cmd: list[str] | None) -> None:
         raise SystemExit("fcvsock: expected one UDS path before '--', or --local")
     else:
         args.uds_path = words[0]
-    if not cmd:
+    if not cmd and args.command != "exec":
         raise SystemExit("fcvsock: missing command: give it after '--'")
     args.cmd = cmd
 
@@ -217,12 +243,37 @@ async def _run_session(args: argparse.Namespace, uds_path: str, forward: bool) -
     return _exit_code(status)
 
 
+async def _exec_session(args: argparse.Namespace, uds_path: str) -> int:
+    stdin_is_terminal = os.isatty(sys.stdin.fileno())
+    cmd = args.cmd or list(_LOGIN_SHELL)
+    tty = args.tty or (not args.cmd and stdin_is_terminal)
+    if args.tty and not stdin_is_terminal:
+        print(
+            "fcvsock: pseudo-terminal requested but stdin is not a terminal; "
+            "starting the remote one anyway, without raw mode",
+            file=sys.stderr,
+        )
+    env = _parse_env(args.env)
+    if tty and "TERM" in os.environ:
+        env.setdefault("TERM", os.environ["TERM"])
+    tty_size = terminal.window_size(sys.stdin.fileno(), sys.stdout.fileno())
+    async with aio.exec(
+        uds_path, cmd, env=env, cwd=args.cwd, user=args.user,
+        tty=tty, tty_size=tty_size if tty else None,
+        timeout_seconds=args.remote_timeout, timeout=args.timeout,
+        connect_timeout=args.connect_timeout, port=args.port,
+    ) as session:
+        ending = await terminal.interact(session, tty=tty)
+    return ending if isinstance(ending, int) else _exit_code(ending)
+
+
 def _command_main(args: argparse.Namespace) -> int:
-    interactive = args.command == "exec"
-    forward = interactive or not os.isatty(sys.stdin.fileno())
+    forward = not os.isatty(sys.stdin.fileno())
     started = time.monotonic()
     try:
         with _target(args) as uds_path:
+            if args.command == "exec":
+                return asyncio.run(_exec_session(args, uds_path))
             return asyncio.run(_run_session(args, uds_path, forward))
     except SessionTimeoutError as exc:
         _report(args, exc, started)
