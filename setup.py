@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 extensions = [
     Extension(
         "fcvsock._cframes",
-        ["src/_cframes.pyx"],
+        ["src/fcvsock/_cframes.pyx"],
         extra_compile_args=["-O2"],
     )
 ]
@@ -14,6 +14,8 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
+        # Cython looks for the .pxd by the module's full name, fcvsock._cframes.
+        include_path=["src"],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )
 )

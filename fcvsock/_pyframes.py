@@ -1,4 +1,4 @@
-"""Pure-Python twin of the compiled frame core (``src/_cframes.pyx``).
+"""Pure-Python twin of the compiled frame core (``src/fcvsock/_cframes.pyx``).
 
 Both modules expose the same classes, raise the same exceptions with the same
 messages, and are tested against each other.  Keep them in step.
