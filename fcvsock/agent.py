@@ -244,6 +244,8 @@ class _Child:
 
 
 def _spawn(request: StartRequest, cwd: str, credentials: Credentials | None) -> _Child:
+    if not request.cmd[0]:
+        raise _StartRejected(EXIT_CANNOT_START, "start: command '' not found")
     env = _child_env(request, credentials)
     if request.tty:
         return _spawn_with_pty(request, cwd, env, credentials)

@@ -172,6 +172,12 @@ def test_command_not_found(path: str) -> None:
     assert b"fcvsock-no-such-command" in result.stderr
 
 
+def test_empty_command_name_not_found(path: str) -> None:
+    result = run(path, [""])
+    assert result.exit_code == 127
+    assert b"not found" in result.stderr
+
+
 def test_missing_working_dir(path: str, tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     result = run(path, ["true"], working_dir=str(missing))
