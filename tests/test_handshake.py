@@ -380,6 +380,14 @@ def test_path_below_file_not_retried(connect: Connect, uds_path: str) -> None:
     assert isinstance(caught.value.__cause__, NotADirectoryError)
 
 
+def test_path_too_long_not_retried(connect: Connect, uds_path: str) -> None:
+    long_path = os.path.join(os.path.dirname(uds_path), "v" * 200)
+    with pytest.raises(ConnectFailedError) as caught:
+        connect(long_path, timeout=WAIT)
+    assert caught.value.attempts == 1
+    assert "too long" in str(caught.value)
+
+
 def _failing_paths(kind: str, peers: Peers) -> tuple[str, float]:
     """Set up a path where every attempt fails; return it with a timeout."""
     if kind == "stale":
