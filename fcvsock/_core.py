@@ -15,7 +15,7 @@ from . import _pyframes as python_core
 
 cython_core: ModuleType | None
 try:
-    from . import _cframes as cython_core  # type: ignore[no-redef]
+    from . import _cframes as cython_core  # type: ignore[attr-defined,no-redef]
 except ImportError:
     cython_core = None
 
