@@ -146,7 +146,11 @@ def raw_mode(fd: int) -> Iterator[None]:
         tty.setraw(fd, termios.TCSADRAIN)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error as exc:
+            # After a hang-up (EIO) there is no terminal left to restore.
+            log.debug("restore terminal settings failed: %s", exc)
 
 
 def window_size(*fds: int) -> tuple[int, int] | None:

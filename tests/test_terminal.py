@@ -193,6 +193,17 @@ def test_raw_mode_restores_on_exception(pty: Pty) -> None:
     assert termios.tcgetattr(pty.slave) == before
 
 
+def test_raw_mode_survives_hangup() -> None:
+    master, slave = os.openpty()
+    try:
+        with terminal.raw_mode(slave):
+            os.close(master)
+        with pytest.raises(termios.error):
+            termios.tcgetattr(slave)
+    finally:
+        os.close(slave)
+
+
 def test_window_size_of_pty(pty: Pty) -> None:
     _set_size(pty.master, 132, 43)
     assert terminal.window_size(pty.slave) == (132, 43)
