@@ -174,15 +174,19 @@ def _run_size(
             for name, receiver in receivers.items()
         }
         trials = {
-            name: (lambda r=receiver, n=frames[name]: _count_faults(r, path, n, size))
+            name: (lambda r=receiver, n=frames[name]: _measure_trial(r, path, n, size))
             for name, receiver in receivers.items()
         }
         outcomes = measure.run_interleaved(trials, repetitions)
-    seconds = {name: [s for s, _ in values] for name, values in outcomes.items()}
+    seconds = {name: [o[0] for o in values] for name, values in outcomes.items()}
     faults = {
-        name: [f / frames[name] for _, f in values] for name, values in outcomes.items()
+        name: [o[1] / frames[name] for o in values] for name, values in outcomes.items()
     }
     wire_size = size + HEADER.size
+    cpu_per_gb = {
+        name: [o[2] / (frames[name] * wire_size / 1e9) for o in values]
+        for name, values in outcomes.items()
+    }
     throughput = {
         name: measure.rates(frames[name] * wire_size, values)
         for name, values in seconds.items()
@@ -204,17 +208,31 @@ def _run_size(
         "minor_faults_per_frame": {
             name: measure.summarize(v) for name, v in faults.items()
         },
+        "cpu_s_per_gb": {name: measure.summarize(v) for name, v in cpu_per_gb.items()},
         "ratios": ratios,
+        "cpu_ratios": {
+            f"{a}/{b}": measure.paired_ratio(cpu_per_gb[a], cpu_per_gb[b])
+            for a in cpu_per_gb
+            for b in cpu_per_gb
+            if a != b
+        },
     }
 
 
-def _count_faults(
+def _measure_trial(
     receiver: Any, path: str, frames: int, size: int
-) -> tuple[float, int]:
-    # Minor faults show memory the kernel had to map and zero for a trial.
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+) -> tuple[float, int, float]:
+    """Return wall seconds, minor faults and CPU seconds of one trial.
+
+    Minor faults count memory the kernel had to map and zero.  CPU time
+    (user + system) of this process depends less on other load than wall
+    time does.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF)
     seconds = receiver(path, frames, size)
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, after.ru_minflt - before.ru_minflt, cpu
 
 
 def _trial_frames(receiver: Any, path: str, size: int, quick: bool) -> int:

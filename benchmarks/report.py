@@ -81,14 +81,22 @@ def _receive_table(section: dict[str, Any]) -> Table:
     return Table("Receive over a Unix socket (1, 2)", headers, rows)
 
 
-def _faults_table(section: dict[str, Any]) -> Table:
+def _cost_table(section: dict[str, Any]) -> Table:
     names = section["contenders"]
     rows = []
     for size in section["sizes"]:
-        faults = section["results"][str(size)]["minor_faults_per_frame"]
-        rows.append([size_label(size), *[f"{faults[n]['median']:.3g}" for n in names]])
-    title = "Receive: minor page faults per frame (memory the kernel mapped and zeroed)"
-    return Table(title, ["payload", *names], rows)
+        result = section["results"][str(size)]
+        faults = result["minor_faults_per_frame"]
+        cpu = result["cpu_s_per_gb"]
+        row = [size_label(size)]
+        row += [f"{cpu[n]['median']:.3g}" for n in names]
+        row.append(_ratio(result["cpu_ratios"].get("compiled/raw")))
+        row += [f"{faults[n]['median']:.3g}" for n in names]
+        rows.append(row)
+    headers = ["payload", *[f"{n} CPU s/GB" for n in names], "compiled/raw CPU"]
+    headers += [f"{n} faults/frame" for n in names]
+    title = "Receive cost: CPU time of the receiver and minor page faults per frame"
+    return Table(title, headers, rows)
 
 
 def _decode_table(section: dict[str, Any]) -> Table:
@@ -191,7 +199,7 @@ def _sessions_table(section: dict[str, Any]) -> Table:
 
 _TABLES: dict[str, list[Callable[[dict[str, Any]], Table]]] = {
     "decode": [_decode_table],
-    "receive": [_receive_table, _faults_table],
+    "receive": [_receive_table, _cost_table],
     "write": [_write_table],
     "handshake": [_handshake_table],
     "stream": [_stream_table],
