@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ CHILD_READY_TIMEOUT = 60.0
 
 
 def run_interleaved(
-    trials: dict[str, Callable[[], T]], repetitions: int
+    trials: Mapping[str, Callable[[], T]], repetitions: int
 ) -> dict[str, list[T]]:
     """Run each trial once per repetition, rotating the order every time."""
     names = list(trials)

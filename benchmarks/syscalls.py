@@ -155,7 +155,7 @@ def count_python_calls() -> Iterator[Counter[str]]:
             setattr(os, name, _counting(counts, name, function))
         for name, function in saved_socket.items():
             setattr(socket.socket, name, _counting(counts, name, function))
-        select.poll = lambda: _CountingPoll(counts, real_poll())  # type: ignore[assignment]
+        select.poll = lambda: _CountingPoll(counts, real_poll())  # type: ignore[misc,assignment,return-value]
         yield counts
     finally:
         for name, function in saved_os.items():
@@ -165,4 +165,4 @@ def count_python_calls() -> Iterator[Counter[str]]:
                 delattr(socket.socket, name)
             else:
                 setattr(socket.socket, name, function)
-        select.poll = real_poll
+        select.poll = real_poll  # type: ignore[misc]
