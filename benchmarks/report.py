@@ -164,7 +164,8 @@ def _stream_table(section: dict[str, Any]) -> Table:
                 f"{growth['max'] / MIB:.1f}",
             ]
         )
-    title = f"Stream {size_label(section['stream_bytes'])} of head -c from the stand-in VM (5)"
+    size = size_label(section["stream_bytes"])
+    title = f"Stream {size} of head -c from the stand-in VM (5)"
     headers = ["consumer", "GB/s", "RSS growth MiB (median)", "RSS growth MiB (max)"]
     return Table(title, headers, rows)
 
@@ -405,8 +406,8 @@ def results_page(document: dict[str, Any], json_name: str, plots: Sequence[str])
         "",
         (
             f"Generated from `{json_name}`, written by "
-            f"`{document.get('command', 'python -m benchmarks')}`. Regenerate this page "
-            "without measuring with `python -m benchmarks --render-only`."
+            f"`{document.get('command', 'python -m benchmarks')}`. Regenerate "
+            "this page without measuring with `python -m benchmarks --render-only`."
         ),
         "",
         "## Machine",

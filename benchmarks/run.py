@@ -69,13 +69,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="tiny sizes and 2 repetitions; targets are not judged "
-        f"(default output directory: {QUICK_OUTPUT_DIR.relative_to(BENCHMARKS_DIR.parent)})",
+        "(default output directory: benchmarks/results/quick)",
     )
     parser.add_argument(
         "--output-dir",
         type=Path,
-        help="directory for latest.json and the plots "
-        f"(default: {DEFAULT_OUTPUT_DIR.relative_to(BENCHMARKS_DIR.parent)})",
+        help="directory for latest.json and the plots (default: benchmarks/results)",
     )
     parser.add_argument(
         "--results-page",
@@ -146,7 +145,8 @@ def measure_all(
         section_start = time.perf_counter()
         try:
             document["sections"][name] = run(quick, repetitions)
-        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the rest
+        except Exception as exc:  # noqa: BLE001
+            # One broken section must not hide the results of the others.
             traceback.print_exc()
             document["sections"][name] = {"error": f"{type(exc).__name__}: {exc}"}
         document["section_seconds"][name] = time.perf_counter() - section_start
@@ -158,7 +158,8 @@ def measure_all(
         )
     if document["stand_in"] != "localvm":
         document["notes"].append(
-            f"stand-in VM: {document['stand_in']}; sections needing the agent were skipped"
+            f"stand-in VM: {document['stand_in']}, so the sections that need "
+            "the agent were skipped"
         )
     document["targets"] = report.judge_targets(document)
     return document

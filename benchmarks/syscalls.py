@@ -150,12 +150,16 @@ def count_python_calls() -> Iterator[Counter[str]]:
     # afterwards instead of shadowing the originals with class attributes.
     inherited = {name for name in socket_methods if name not in vars(socket.socket)}
     real_poll = select.poll
+
+    def counting_poll() -> Any:
+        return _CountingPoll(counts, real_poll())
+
     try:
         for name, function in saved_os.items():
             setattr(os, name, _counting(counts, name, function))
         for name, function in saved_socket.items():
             setattr(socket.socket, name, _counting(counts, name, function))
-        select.poll = lambda: _CountingPoll(counts, real_poll())  # type: ignore[misc,assignment,return-value]
+        select.poll = counting_poll  # type: ignore[misc,assignment]
         yield counts
     finally:
         for name, function in saved_os.items():
