@@ -44,8 +44,8 @@ class Table:
 
 
 def size_label(size: int) -> str:
-    """Return ``64 B``, ``4 KiB``, ``16 MiB`` and so on."""
-    for unit, scale in (("MiB", MIB), ("KiB", 1024)):
+    """Return ``64 B``, ``4 KiB``, ``16 MiB``, ``1 GiB`` and so on."""
+    for unit, scale in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", 1024)):
         if size >= scale and size % scale == 0:
             return f"{size // scale} {unit}"
     return f"{size} B"
