@@ -130,6 +130,21 @@ def _write_table(section: dict[str, Any]) -> Table:
     return Table("Write side (3); syscalls per frame from strace -c -f", headers, rows)
 
 
+def _write_calls_table(section: dict[str, Any]) -> Table:
+    names = section["contenders"]
+    rows = []
+    for workload, result in section["results"].items():
+        counts = result["calls_per_frame_python"]
+        rows.append(
+            [workload, *[_count((counts.get(n) or {}).get("all")) for n in names]]
+        )
+    title = (
+        "Write side: I/O calls per frame seen by in-process wrappers "
+        "(blind to calls made from C)"
+    )
+    return Table(title, ["workload", *names], rows)
+
+
 def _handshake_table(section: dict[str, Any]) -> Table:
     rows = []
     traced = section["syscalls_per_handshake_strace"] or {}
@@ -205,7 +220,7 @@ def _sessions_table(section: dict[str, Any]) -> Table:
 _TABLES: dict[str, list[Callable[[dict[str, Any]], Table]]] = {
     "decode": [_decode_table],
     "receive": [_receive_table, _cost_table],
-    "write": [_write_table],
+    "write": [_write_table, _write_calls_table],
     "handshake": [_handshake_table],
     "stream": [_stream_table],
     "sessions": [_sessions_table],
