@@ -22,6 +22,7 @@ import signal
 import termios
 import tty
 from collections.abc import Callable, Coroutine, Iterator
+from types import FrameType
 from typing import Any
 
 from .aio import AsyncExecSession
@@ -41,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger("fcvsock.terminal")
 
-# Exit status after ~. ends the session, as ssh uses for a closed connection.
+# Exit status after ~. ends the session: the status of fcvsock's own failures.
 EXIT_DISCONNECTED = 255
 
 # Without a remote terminal, a second Ctrl-C within this many seconds of the
@@ -64,6 +65,7 @@ _TERMINATING_SIGNALS = (
     signal.SIGTERM,
 )
 _READ_SIZE = 65536
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 _ESCAPE = ord("~")
 _LINE_END = re.compile(rb"[\r\n]")
 
@@ -191,7 +193,8 @@ async def interact(
     Returns the remote exit status, or the exit code for a session that ended
     here: :data:`EXIT_DISCONNECTED` after ``~.`` and 128+N after signal N.
     Signal handlers are installed on the running loop, so this must run in
-    the main thread.
+    the main thread.  Signals ignored at the start stay ignored, and the
+    handlers replaced are put back at the end.
     """
     return await _Interaction(session, tty, stdin_fd, stdout_fd, stderr_fd).run()
 
@@ -220,7 +223,7 @@ class _Interaction:
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> ExitStatus | int:
-        installed = self._install_signal_handlers()
+        previous = self._install_signal_handlers()
         try:
             with raw_mode(self._stdin_fd) if self._raw else contextlib.nullcontext():
                 if self._track_window:
@@ -229,13 +232,13 @@ class _Interaction:
                     self._on_window_change()
                 return await self._relay()
         finally:
-            for signal_number in installed:
-                self._loop.remove_signal_handler(signal_number)
+            self._restore_signal_handlers(previous)
             for task in self._background:
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def _install_signal_handlers(self) -> list[int]:
+    def _install_signal_handlers(self) -> dict[int, _Handler]:
+        """Install the session's handlers; return the ones they replaced."""
         handlers: dict[int, Callable[[], None]] = {}
         if self._track_window:
             handlers[signal.SIGWINCH] = self._on_window_change
@@ -244,16 +247,28 @@ class _Interaction:
                 handlers[terminating] = functools.partial(self._end, 128 + terminating)
         if self._forward_interrupt:
             handlers[signal.SIGINT] = self._on_interrupt
-        installed: list[int] = []
+        previous: dict[int, _Handler] = {}
         try:
             for signal_number, handler in handlers.items():
+                current = signal.getsignal(signal_number)
+                # A signal that the parent process ignored, as nohup does with
+                # SIGHUP, stays ignored.
+                if current == signal.SIG_IGN and signal_number != signal.SIGWINCH:
+                    continue
                 self._loop.add_signal_handler(signal_number, handler)
-                installed.append(signal_number)
+                previous[signal_number] = current
         except BaseException:
-            for signal_number in installed:
-                self._loop.remove_signal_handler(signal_number)
+            self._restore_signal_handlers(previous)
             raise
-        return installed
+        return previous
+
+    def _restore_signal_handlers(self, previous: dict[int, _Handler]) -> None:
+        for signal_number, handler in previous.items():
+            self._loop.remove_signal_handler(signal_number)
+            # None: the handler was not installed from Python, so asyncio's
+            # default is all that can be put back.
+            if handler is not None:
+                signal.signal(signal_number, handler)
 
     async def _relay(self) -> ExitStatus | int:
         output = self._loop.create_task(self._forward_output())
@@ -275,7 +290,8 @@ class _Interaction:
                 fd = self._stdout_fd if chunk.stream == "stdout" else self._stderr_fd
                 _write_all(fd, chunk.data)
         except BrokenPipeError:
-            # Reached only with SIGPIPE caught, that is in raw mode.
+            # The reader of a stdout pipe left while SIGPIPE was caught (in
+            # raw mode) or ignored (Python's default outside the CLI).
             return 128 + signal.SIGPIPE
         return await self._session.wait()
 

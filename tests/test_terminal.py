@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import os
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -446,6 +448,45 @@ def test_interact_restores_after_signal(pty: Pty, signal_number: int) -> None:
     assert _run_with_pty(pty, True, script) == 128 + signal_number
     assert termios.tcgetattr(pty.slave) == before
     assert signal.getsignal(signal_number) == signal.SIG_DFL
+
+
+@contextlib.contextmanager
+def _signal_handler(
+    signal_number: int, handler: Callable[[int, Any], None] | signal.Handlers
+) -> Iterator[None]:
+    previous = signal.signal(signal_number, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal_number, previous)
+
+
+def _on_sigterm(signal_number: int, frame: object) -> None:
+    raise AssertionError("the test's own SIGTERM handler ran during interact()")
+
+
+def test_interact_restores_previous_handler(pty: Pty) -> None:
+    async def script(session: FakeSession, _: object) -> None:
+        await _raw_mode_entered(session)
+        _kill_self(signal.SIGTERM)
+
+    with _signal_handler(signal.SIGTERM, _on_sigterm):
+        assert _run_with_pty(pty, True, script) == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+
+
+def test_interact_keeps_ignored_sighup(pty: Pty) -> None:
+    during: list[object] = []
+
+    async def script(session: FakeSession, _: object) -> None:
+        await _raw_mode_entered(session)
+        during.append(signal.getsignal(signal.SIGHUP))
+        session.exit(0)
+
+    with _signal_handler(signal.SIGHUP, signal.SIG_IGN):
+        _run_with_pty(pty, True, script)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    assert during == [signal.SIG_IGN]
 
 
 def test_interact_escape_disconnects(pty: Pty) -> None:
