@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import pwd
+import random
 import signal
 import socket
 import struct
@@ -706,10 +707,27 @@ def _pipe_has_no_reader(write_fd: int) -> bool:
     return False
 
 
+def test_random_frames_end_only_their_session(path: str) -> None:
+    generator = random.Random(52)
+    frame_types = [0x02, 0x03, 0x04, 0x05, 0x07, 0x10, 0x12, 0x99]
+    for _ in range(40):
+        with AgentConnection.connect(path) as connection:
+            connection.send_start(["cat"])
+            for _ in range(generator.randrange(1, 8)):
+                payload = generator.randbytes(generator.randrange(0, 16))
+                connection.send(generator.choice(frame_types), payload)
+        with AgentConnection.connect(path) as connection:
+            connection.sock.sendall(generator.randbytes(generator.randrange(1, 64)))
+    assert run(path, ["echo", "still serving"]).stdout == b"still serving\n"
+
+
 # Whole-agent properties, which run last in this file.
 
 
 def test_no_fds_leaked(agent: AgentProcess) -> None:
+    # A session closes its fds in the step that kills its command, so once no
+    # child is left the count is the idle baseline.
+    assert wait_until(lambda: not child_pids(agent.pid))
     before = open_fd_count(agent.pid)
     run(agent.unix_path, ["echo", "x"])
     run(agent.unix_path, ["echo", "x"], tty=True)
