@@ -1734,6 +1734,11 @@ async def _serve(args: argparse.Namespace, reap_orphans: bool) -> int:
         exit_grace=args.exit_grace,
         reap_orphans=reap_orphans,
     )
+    # A stop request may come as soon as the ready line is out.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
     await agent.start()
     try:
         await _open_listeners(agent, args)
@@ -1742,10 +1747,6 @@ async def _serve(args: argparse.Namespace, reap_orphans: bool) -> int:
         log.error("agent: cannot start serving: %s", exc)
         await agent.close()
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
     await stop.wait()
     log.info("agent: stopping")
     await agent.close()

@@ -39,8 +39,8 @@ from agent_client import (
 )
 
 from fcvsock._core import encode_frame
-from fcvsock.agent import Agent, main, resolve_user
-from fcvsock.clock import VirtualClock
+from fcvsock.agent import Agent, _clock_setter, main, resolve_user
+from fcvsock.clock import SystemClock, VirtualClock
 from fcvsock.protocol import (
     MAX_OUTPUT_CHUNK,
     MAX_PAYLOAD,
@@ -768,6 +768,26 @@ def test_main_rejects_unknown_clock(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--unix", "/nonexistent/agent.sock", "--clock", "sundial"])
     assert raised.value.code == 2
     assert "virtual:FILE" in capsys.readouterr().err
+
+
+def test_clock_defaults_to_none_off_vsock() -> None:
+    assert _clock_setter(None, vsock=False) is None
+    assert isinstance(_clock_setter(None, vsock=True), SystemClock)
+    assert isinstance(
+        _clock_setter("virtual:/run/clock.json", vsock=True), VirtualClock
+    )
+
+
+def test_sigterm_stops_agent_cleanly() -> None:
+    with tempfile.TemporaryDirectory(prefix="fcvt") as directory:
+        process = AgentProcess(directory)
+        process.start()
+        assert process.process is not None
+        popen = process.process
+        process.stop()
+        assert popen.returncode == 0
+        assert not os.path.exists(process.unix_path)
+        assert not os.path.exists(process.handoff_path)
 
 
 # The virtual clock.
