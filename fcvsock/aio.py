@@ -158,6 +158,10 @@ class _Session:
         if deadline is None or (own is not None and own <= deadline):
             deadline, limit = own, self.timeout
         try:
+            if deadline is not None and self.driver.loop.time() >= deadline:
+                # A socket that always has data would otherwise keep
+                # completing the wait before the timeout fires.
+                raise TimeoutError
             async with asyncio.timeout_at(deadline):
                 await self.driver.wait()
         except TimeoutError:

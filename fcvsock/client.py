@@ -66,7 +66,12 @@ def _wait(core: SessionCore, deadline: float | None) -> None:
         return
     timeout_ms = None
     if deadline is not None:
-        timeout_ms = max(0.0, deadline - time.monotonic()) * 1000
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # Checked before polling: a socket that always has data would
+            # otherwise let poll(0) succeed forever past the deadline.
+            raise _Deadline
+        timeout_ms = remaining * 1000
     poller = select.poll()
     poller.register(core.fd, events)
     ready = poller.poll(timeout_ms)

@@ -53,6 +53,7 @@ DEFAULT_MAX_BUFFERED = 4 * 1024 * 1024
 # One read_fd call stops after this many bytes so a fast guest cannot starve
 # the event loop or push the queue far past max_buffered.
 READ_BUDGET = 1024 * 1024
+MAX_READS_PER_EVENT = 4
 # Writers wait for the kernel once this much is queued in user space.
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -178,23 +179,19 @@ class SessionCore:
         return int(self.writer.pending)
 
     def on_readable(self) -> None:
-        """Read what the socket has and turn it into output or a result."""
+        """Read what the socket has and turn it into output or a result.
+
+        At most ``MAX_READS_PER_EVENT`` reads are made, so a guest that
+        sends faster than the host parses cannot keep the caller from
+        checking its deadline or starve the event loop.
+        """
         budget = self._read_budget()
-        while self.wants_read:
+        for _ in range(MAX_READS_PER_EVENT):
+            if not self.wants_read:
+                return
             buffered_before = self.decoder.buffered
-            try:
-                frames = self.decoder.read_fd(self.fd, budget)
-            except ProtocolError as exc:
-                self._fail(exc)
-                return
-            except ConnectionResetError as exc:
-                # Linux resets a Unix stream instead of ending it when the
-                # other side closed with bytes it had not read, such as an
-                # EOF frame.  The bytes sent before that close were delivered.
-                self._end_of_stream(exc)
-                return
-            except OSError as exc:
-                self._lose(f"read from guest failed: {exc}", exc)
+            frames = self._read(budget)
+            if frames is None:
                 return
             if frames:
                 self._handle(frames)
@@ -210,6 +207,26 @@ class SessionCore:
                 # already held doubles it each time, so a large frame takes a
                 # few reads, not one per free byte below max_buffered.
                 budget = max(budget, min(self.decoder.buffered, READ_BUDGET))
+        if self.wants_read:
+            # A zero budget reads nothing; it raises an error the decoder
+            # deferred behind the frames just handled, which no readable
+            # event would report if the guest sends nothing more.
+            self._read(0)
+
+    def _read(self, budget: int) -> list[tuple[int, bytes]] | None:
+        """Return the frames one read completes, or None if the session ended."""
+        try:
+            return self.decoder.read_fd(self.fd, budget)
+        except ProtocolError as exc:
+            self._fail(exc)
+        except ConnectionResetError as exc:
+            # Linux resets a Unix stream instead of ending it when the
+            # other side closed with bytes it had not read, such as an
+            # EOF frame.  The bytes sent before that close were delivered.
+            self._end_of_stream(exc)
+        except OSError as exc:
+            self._lose(f"read from guest failed: {exc}", exc)
+        return None
 
     def send(self, frame_type: int, payload: bytes = b"") -> None:
         """Queue one frame for the guest; raise if the guest stopped reading."""

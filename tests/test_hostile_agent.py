@@ -398,12 +398,6 @@ def test_slow_drip_hits_deadline(
     assert isinstance(outcome.error, SessionTimeoutError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SessionCore.on_readable loops while the socket has data, so a "
-    "guest that sends faster than the host parses keeps the host from ever "
-    "checking its deadline (and starves the asyncio loop)",
-)
 @pytest.mark.parametrize("api", APIS)
 def test_flood_hits_deadline(
     start_agent: Callable[[Handler], HostileAgent], sock_path: str, api: str

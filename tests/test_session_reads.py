@@ -1,0 +1,56 @@
+"""How SessionCore reads a socket that keeps delivering data."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from fcvsock.errors import SessionProtocolError
+from fcvsock.handshake import Handshake
+from fcvsock.protocol import FrameType
+from fcvsock.session import MAX_READS_PER_EVENT, READ_BUDGET, SessionCore
+
+
+def _frame(frame_type: int, payload: bytes) -> bytes:
+    return struct.pack("<BI", frame_type, len(payload)) + payload
+
+
+def _core_with_guest_bytes(data: bytes) -> tuple[SessionCore, socket.socket]:
+    host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guest.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 20)
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+    guest.sendall(data)
+    host.setblocking(False)
+    return SessionCore(Handshake(host, 1, b"", 1), collect=True), guest
+
+
+def test_on_readable_stops_after_read_cap() -> None:
+    chunk = _frame(FrameType.STDOUT, b"x" * 4096)
+    total = (MAX_READS_PER_EVENT + 2) * READ_BUDGET
+    core, guest = _core_with_guest_bytes(chunk * (total // len(chunk)))
+    try:
+        core.on_readable()
+        received = sum(len(part) for part in core.stdout_parts)
+        assert 0 < received <= MAX_READS_PER_EVENT * READ_BUDGET
+        assert not core.finished
+    finally:
+        core.close()
+        guest.close()
+
+
+def test_error_behind_capped_reads_is_reported() -> None:
+    # The bad header ends inside the last capped read, so the decoder defers
+    # it behind that read's frames, and no later readable event would
+    # reveal it because the guest sends nothing more.
+    chunk = _frame(FrameType.STDOUT, b"x" * (READ_BUDGET // 4 - 5))
+    last = _frame(FrameType.STDOUT, b"y" * (READ_BUDGET // 4 - 5 - 8))
+    good = chunk * (4 * MAX_READS_PER_EVENT - 1) + last
+    oversize = struct.pack("<BI", FrameType.STDOUT, (16 << 20) + 1)
+    core, guest = _core_with_guest_bytes(good + oversize)
+    try:
+        core.on_readable()
+        assert core.failure is not None
+        assert isinstance(core.error(), SessionProtocolError)
+    finally:
+        core.close()
+        guest.close()
