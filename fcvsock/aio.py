@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -272,7 +273,7 @@ def stream(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     """Yield output chunks, then the exit status; see :func:`fcvsock.stream`.
 
     Arguments are checked at once; the connection is made when iteration
@@ -302,7 +303,7 @@ async def _stream(
     connect_timeout: float,
     max_buffered: int,
     timeout: float | None,
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     session = await _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
         collect=False, max_buffered=max_buffered, timeout=timeout,

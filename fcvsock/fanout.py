@@ -58,7 +58,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple
 
 from . import aio
 from ._request import build_start
@@ -71,7 +71,7 @@ from .errors import (
 )
 from .handshake import check_guest_port
 from .protocol import AGENT_PORT
-from .session import ExitStatus, StreamItem
+from .session import ExitStatus
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -516,14 +516,13 @@ async def _run_target(
     status: ExitStatus | None = None
     error: ErrorKind | None = None
     message = ""
-    # fcvsock.aio.stream is an async generator, so it has aclose().
-    items = cast(AsyncGenerator[StreamItem, None], aio.stream(
+    items = aio.stream(
         target.uds_path, settings.command_for(target), input=settings.input,
         env=settings.env, cwd=settings.cwd, user=settings.user,
         timeout_seconds=settings.timeout_seconds, timeout=settings.timeout,
         connect_timeout=settings.connect_timeout, port=target.port,
         max_buffered=SESSION_BUFFER,
-    ))
+    )
     try:
         async with contextlib.aclosing(items):
             async for item in items:

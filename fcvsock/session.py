@@ -216,7 +216,7 @@ class SessionCore:
     def _read(self, budget: int) -> list[tuple[int, bytes]] | None:
         """Return the frames one read completes, or None if the session ended."""
         try:
-            return self.decoder.read_fd(self.fd, budget)
+            frames: list[tuple[int, bytes]] = self.decoder.read_fd(self.fd, budget)
         except ProtocolError as exc:
             self._fail(exc)
         except ConnectionResetError as exc:
@@ -226,6 +226,8 @@ class SessionCore:
             self._end_of_stream(exc)
         except OSError as exc:
             self._lose(f"read from guest failed: {exc}", exc)
+        else:
+            return frames
         return None
 
     def send(self, frame_type: int, payload: bytes = b"") -> None:
