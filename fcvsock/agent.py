@@ -96,7 +96,10 @@ _DECODER_BUFFER_SIZE = 64 * 1024
 _GRACE_DRAIN_LIMIT = 1024 * 1024
 _ACCEPTS_PER_EVENT = 16
 _ACCEPT_RETRY_DELAY = 0.5
-_LISTEN_BACKLOG = 128
+# Firecracker's vsock muxer keeps at most 1023 connections (MAX_CONNECTIONS in
+# src/vmm/src/devices/virtio/vsock/unix/mod.rs), so a burst of them all fits.
+_LISTEN_BACKLOG = 1024
+_MAX_ERROR_MESSAGE = 4096
 _HANDOFF_MAX_FDS = 16
 _HANDOFF_MAX_MESSAGE = 4096
 _HANDOFF_MESSAGES_PER_EVENT = 32
@@ -105,7 +108,7 @@ _MAX_ID = 2**32 - 2
 # From <linux/prctl.h>.
 _PR_SET_CHILD_SUBREAPER = 36
 _WINSIZE = struct.Struct("HHHH")
-_NUMERIC_USER = re.compile(r"(\d+)(?::(\d+))?")
+_NUMERIC_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
 
 
 # Users and processes.
@@ -151,7 +154,8 @@ def _lookup_user(spec: str) -> Credentials:
     if match is None:
         try:
             entry = pwd.getpwnam(spec)
-        except KeyError:
+        except (KeyError, ValueError):
+            # ValueError: a name that cannot be encoded, such as a lone surrogate.
             raise LookupError(f"start: unknown user {spec!r}") from None
         return _credentials_of(entry, entry.pw_gid)
     uid = int(match[1])
@@ -840,6 +844,14 @@ class _Session:
     # Frames from the host.
 
     def on_frames(self, frames: list[tuple[int, bytes]]) -> None:
+        try:
+            self._handle_frames(frames)
+        except Exception:
+            # A bug here must cost one session, never the agent or a hung host.
+            log.exception("session %d: handling a frame failed; closing", self._id)
+            self.abort()
+
+    def _handle_frames(self, frames: list[tuple[int, bytes]]) -> None:
         for frame_type, payload in frames:
             if self._state is _State.WAITING:
                 self._on_first_frame(frame_type, payload)
@@ -970,9 +982,9 @@ class _Session:
         return _OutputPump(self._loop, fd, frame_type, self)
 
     def _reject(self, exit_code: int, message: str) -> None:
-        log.info("session %d: exit %d: %s", self._id, exit_code, message)
+        log.info("session %d: exit %d: %.200s", self._id, exit_code, message)
         self._state = _State.EXITING
-        self._link.send(FrameType.STDERR, message.encode() + b"\n")
+        self._link.send(FrameType.STDERR, _error_output(message))
         self._send_exit(exit_code, 0)
 
     # Output, exit and the end of the session.
@@ -1100,6 +1112,15 @@ class _Session:
             log.warning("session %d: clock sync failed: %s", self._id, exc)
             exit_code = EXIT_CLOCK_SYNC_FAILED
         self._send_exit(exit_code, 0)
+
+
+def _error_output(message: str) -> bytes:
+    # Messages quote the invalid value, which may be megabytes long or hold
+    # lone surrogates from JSON escapes.
+    encoded = message.encode("utf-8", "backslashreplace")
+    if len(encoded) > _MAX_ERROR_MESSAGE:
+        encoded = encoded[:_MAX_ERROR_MESSAGE] + b"... (truncated)"
+    return encoded + b"\n"
 
 
 def _credentials_for(user: str) -> Credentials | None:

@@ -60,7 +60,8 @@ class AgentConnection:
     @classmethod
     def connect(cls, path: str) -> AgentConnection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(DEADLINE)
+        # A blocking Unix connect waits while the listen backlog is full,
+        # where a connect with a timeout fails at once with EAGAIN.
         sock.connect(path)
         return cls(sock)
 

@@ -221,6 +221,22 @@ def test_unknown_user(path: str) -> None:
     assert b"unknown user" in result.stderr
 
 
+@pytest.mark.parametrize("user", ["\ud800", "\u0663", "1:x"])
+def test_invalid_user_spec(path: str, user: str) -> None:
+    result = run(path, ["id"], user=user)
+    assert result.exit_code == 126
+    assert b"unknown user" in result.stderr
+
+
+def test_long_start_error_truncated(path: str) -> None:
+    with AgentConnection.connect(path) as connection:
+        connection.send(FrameType.START, start_payload("x" * 1_000_000))
+        result = connection.read_until_exit()
+    assert result.exit_code == 125
+    assert len(result.stderr) < 8192
+    assert result.stderr.endswith(b"(truncated)\n")
+
+
 @requires_root
 def test_user_by_name(path: str) -> None:
     try:
