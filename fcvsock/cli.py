@@ -186,9 +186,11 @@ def _target(args: argparse.Namespace) -> Iterator[str]:
         return
     from .localvm import LocalVM
 
-    with tempfile.TemporaryDirectory(prefix="fcvsock-") as state_dir:
-        with LocalVM(os.path.join(state_dir, "vm.sock")) as vm:
-            yield os.fspath(vm.uds_path)
+    with (
+        tempfile.TemporaryDirectory(prefix="fcvsock-") as state_dir,
+        LocalVM(os.path.join(state_dir, "vm.sock")) as vm,
+    ):
+        yield os.fspath(vm.uds_path)
 
 
 def _exit_code(status: ExitStatus) -> int:
@@ -197,50 +199,25 @@ def _exit_code(status: ExitStatus) -> int:
     return status.exit_code & 0xFF
 
 
-async def _forward_stdin(session: aio.AsyncExecSession) -> None:
-    """Copy this process's stdin to the command, then send EOF."""
-    while True:
-        chunk = await asyncio.to_thread(os.read, sys.stdin.fileno(), 65536)
-        if not chunk:
-            break
-        await session.write(chunk)
-    await session.close_stdin()
-
-
-def _write_output(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-async def _run_session(args: argparse.Namespace, uds_path: str, forward: bool) -> int:
-    tty_size = None
-    if args.tty:
-        with contextlib.suppress(OSError):
-            tty_size = tuple(os.get_terminal_size(sys.stdout.fileno()))
-    env = _parse_env(args.env)
+async def _run_session(args: argparse.Namespace, uds_path: str) -> int:
+    # stdin is forwarded only when it is not a terminal, so that
+    # `fcvsock run vm.sock -- cmd` typed at a prompt does not wait for input.
+    forward = not os.isatty(sys.stdin.fileno())
+    tty_size = terminal.window_size(sys.stdout.fileno()) if args.tty else None
     async with aio.exec(
-        uds_path, args.cmd, env=env, cwd=args.cwd, user=args.user,
-        tty=args.tty, tty_size=tty_size, timeout_seconds=args.remote_timeout,
-        timeout=args.timeout, connect_timeout=args.connect_timeout, port=args.port,
+        uds_path, args.cmd, env=_parse_env(args.env), cwd=args.cwd,
+        user=args.user, tty=args.tty, tty_size=tty_size,
+        timeout_seconds=args.remote_timeout, timeout=args.timeout,
+        connect_timeout=args.connect_timeout, port=args.port,
     ) as session:
-        feeder = None
         if forward:
-            feeder = asyncio.create_task(_forward_stdin(session))
+            ending = await terminal.interact(session, tty=args.tty)
         else:
-            await session.close_stdin()
-        try:
-            async for chunk in session:
-                fd = 1 if chunk.stream == "stdout" else 2
-                _write_output(fd, chunk.data)
-            status = await session.wait()
-        finally:
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError, FcvsockError, OSError):
-                    await feeder
-    return _exit_code(status)
+            with open(os.devnull, "rb") as no_input:  # noqa: ASYNC230 - never blocks
+                ending = await terminal.interact(
+                    session, tty=args.tty, stdin_fd=no_input.fileno()
+                )
+    return ending if isinstance(ending, int) else _exit_code(ending)
 
 
 async def _exec_session(args: argparse.Namespace, uds_path: str) -> int:
@@ -268,13 +245,12 @@ async def _exec_session(args: argparse.Namespace, uds_path: str) -> int:
 
 
 def _command_main(args: argparse.Namespace) -> int:
-    forward = not os.isatty(sys.stdin.fileno())
     started = time.monotonic()
     try:
         with _target(args) as uds_path:
             if args.command == "exec":
                 return asyncio.run(_exec_session(args, uds_path))
-            return asyncio.run(_run_session(args, uds_path, forward))
+            return asyncio.run(_run_session(args, uds_path))
     except SessionTimeoutError as exc:
         _report(args, exc, started)
         return EXIT_TIMEOUT
