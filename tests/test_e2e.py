@@ -210,3 +210,26 @@ def test_cli_reports_missing_socket(tmp_path: Path) -> None:
 def test_cli_signal_exit_status(vm: LocalVM) -> None:
     done = _cli("run", vm.uds_path, "--", "sh", "-c", "kill -TERM $$")
     assert done.returncode == 128 + 15
+
+
+def test_cli_exits_while_stdin_stays_open(vm: LocalVM) -> None:
+    # The command ignores stdin and exits; fcvsock must not wait for the
+    # still-open pipe to reach EOF.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fcvsock", "run", vm.uds_path, "--", "echo", "done"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        returncode = process.wait(timeout=30)
+        assert process.stdout is not None
+        assert process.stdout.read() == b"done\n"
+        assert returncode == 0
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
