@@ -131,8 +131,8 @@ def resolve_user(
 
     ``spec`` is "" (the agent's own user), a user name or ``uid[:gid]``.
     Returns ``None`` when no switch is needed.  Raises ``LookupError`` for an
-    unknown user and ``PermissionError`` when the agent, whose ids default to
-    the effective ones, is not root and ``spec`` names someone else.
+    unknown user.  Raises ``PermissionError`` when ``euid`` (default: the
+    effective uid) is not root and ``spec`` names another user.
     """
     if not spec:
         return None
@@ -1385,8 +1385,8 @@ class Agent:
         await agent.close()
 
     ``clock_setter`` is called as ``clock_setter(seconds, nanoseconds)`` for
-    each CLOCK_SYNC and may be replaced at any time; ``None`` answers every
-    CLOCK_SYNC with EXIT -1.  ``reap_orphans`` makes the agent wait for any
+    each CLOCK_SYNC and may be replaced at any time.  With ``None``, every
+    CLOCK_SYNC gets EXIT -1.  ``reap_orphans`` makes the agent wait for any
     child, as it must when it is PID 1 or a child subreaper.  Without it the
     agent waits only for the commands it spawned.  At most ``max_sessions``
     sessions run at once.  A connection that sends no complete first frame
