@@ -1,11 +1,11 @@
 """Load from one process: many concurrent sessions, many sequential cycles.
 
 Marked slow, so the default suite skips them; run them with ``-m slow``.
-``FCVSOCK_LOAD_SCALE`` scales every count (default 1: 1,000 concurrent
-sessions across 10 stand-in VMs, 10,000 sequential cycles and 200 commands
-that leave a background child); ``.ci/run`` uses a small scale.  Each
-measurement function returns its figures, which ``fuzz/reliability.py``
-prints as a table.
+``FCVSOCK_LOAD_SCALE`` multiplies every count, so a CI run can use a small
+form such as 0.1.  At the default of 1 the counts are 1,000 concurrent
+sessions across 10 stand-in VMs, 10,000 sequential cycles, and 200 commands
+that leave a background child.  Each measurement function returns its
+figures, which ``fuzz/reliability.py`` prints as a table.
 """
 
 from __future__ import annotations
