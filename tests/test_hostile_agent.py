@@ -27,6 +27,7 @@ from scripted_peer import accept_start, exit_frame, frame, stdout_frame, wait_un
 import fcvsock
 import fcvsock.aio
 from fcvsock.errors import (
+    ClockSyncError,
     ConnectionLostError,
     FrameTooLargeError,
     IncompleteFrameError,
@@ -408,3 +409,79 @@ def test_flood_hits_deadline(
     )
     assert not outcome.hung
     assert isinstance(outcome.error, SessionTimeoutError)
+
+
+def stream_items(api: str, path: str, **options: Any) -> list[Any]:
+    if api == "blocking":
+        return list(fcvsock.stream(path, ["cmd"], connect_timeout=GUARD, **options))
+
+    async def collect() -> list[Any]:
+        items = fcvsock.aio.stream(path, ["cmd"], connect_timeout=GUARD, **options)
+        return [item async for item in items]
+
+    return asyncio.run(collect())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_empty_frame_flood_stream_deadline(
+    start_agent: Callable[[Handler], HostileAgent], sock_path: str, api: str
+) -> None:
+    # Empty output frames never count against max_buffered.
+    agent = start_agent(flood(stdout_frame(b"") * 200_000))
+    outcome = guarded(
+        agent, lambda: stream_items(api, sock_path, timeout=HOST_TIMEOUT), limit=5.0
+    )
+    assert not outcome.hung
+    assert isinstance(outcome.error, SessionTimeoutError)
+
+
+def exec_wait(api: str, path: str, timeout: float) -> Any:
+    if api == "blocking":
+        with fcvsock.exec(path, ["cmd"], connect_timeout=GUARD) as session:
+            return session.wait(timeout=timeout)
+
+    async def wait() -> Any:
+        async with fcvsock.aio.exec(path, ["cmd"], connect_timeout=GUARD) as session:
+            return await session.wait(timeout=timeout)
+
+    return asyncio.run(wait())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_flood_exec_wait_deadline(
+    start_agent: Callable[[Handler], HostileAgent], sock_path: str, api: str
+) -> None:
+    agent = start_agent(flood(stdout_frame(b"z" * 100) * 10_000))
+    outcome = guarded(agent, lambda: exec_wait(api, sock_path, HOST_TIMEOUT), limit=5.0)
+    assert not outcome.hung
+    assert isinstance(outcome.error, SessionTimeoutError)
+
+
+def sync_clock(api: str, path: str) -> int:
+    if api == "blocking":
+        return fcvsock.sync_clock(path, reply_timeout=HOST_TIMEOUT)
+    return asyncio.run(fcvsock.aio.sync_clock(path, reply_timeout=HOST_TIMEOUT))
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize(
+    "handler",
+    [
+        script(),
+        flood(frame(UNKNOWN_TYPE) * 200_000),
+        script(header(FrameType.EXIT, 4) + b"\0", close=True),
+        script(frame(FrameType.EXIT, b"\1")),
+        script(header(FrameType.EXIT, MAX_PAYLOAD + 1)),
+    ],
+    ids=["silent", "flood", "close-in-exit", "short-exit", "oversized"],
+)
+def test_clock_sync_hostile_reply(
+    start_agent: Callable[[Handler], HostileAgent],
+    sock_path: str,
+    api: str,
+    handler: Handler,
+) -> None:
+    agent = start_agent(handler)
+    outcome = guarded(agent, lambda: sync_clock(api, sock_path), limit=5.0)
+    assert not outcome.hung
+    assert isinstance(outcome.error, ClockSyncError)
