@@ -9,9 +9,14 @@ frames; every socket operation has a deadline.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import select
+import socket
 import struct
 import tempfile
+import termios
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,11 +26,13 @@ from agent_client import (
     RunResult,
     open_fd_count,
     process_exists,
+    resident_bytes,
     run,
     start_payload,
     wait_until,
 )
 
+from fcvsock._core import encode_frame
 from fcvsock.protocol import MAX_OUTPUT_CHUNK, MAX_PAYLOAD, FrameType
 
 EXIT_INVALID_START = 125
@@ -345,3 +352,71 @@ def test_host_reset_kills_command(path: str) -> None:
     connection.send(FrameType.STDIN, b"x" * 100_000)
     connection.close()
     assert wait_until(lambda: not process_exists(pid))
+
+
+# Hosts that stop reading or flood stdin.
+
+MIB = 1024 * 1024
+
+
+def send_until_stalled(sock: socket.socket, payload: bytes, limit: int) -> int:
+    """Send ``payload`` frames until the peer stops taking bytes for a second.
+
+    Return the bytes the kernel accepted, at most about ``limit``.
+    """
+    data = encode_frame(FrameType.STDIN, payload)
+    pending = memoryview(data)
+    sent = 0
+    sock.setblocking(False)
+    while sent < limit:
+        if not pending:
+            pending = memoryview(data)
+        try:
+            count = sock.send(pending)
+        except BlockingIOError:
+            _, writable, _ = select.select([], [sock], [], 1.0)
+            if not writable:
+                break
+            continue
+        sent += count
+        pending = pending[count:]
+    sock.setblocking(True)
+    return sent
+
+
+def test_unread_stdin_bounded(path: str) -> None:
+    with AgentConnection.connect(path) as connection:
+        connection.send_start(["sleep", "30"])
+        sent = send_until_stalled(connection.sock, b"i" * 65536, 64 * MIB)
+    assert sent < 4 * MIB
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+def wait_queue_settled(sock: socket.socket, quiet: float = 0.5) -> int:
+    """Wait until the unread bytes on ``sock`` stop changing; return them."""
+    deadline = time.monotonic() + 10.0
+    last = -1
+    changed_at = time.monotonic()
+    while time.monotonic() < deadline:
+        queued = unread_bytes(sock)
+        if queued != last:
+            last = queued
+            changed_at = time.monotonic()
+        elif time.monotonic() - changed_at >= quiet:
+            return queued
+        time.sleep(0.02)
+    raise AssertionError(f"receive queue still changing: {last} bytes")
+
+
+def test_unread_output_bounded(agent: AgentProcess, path: str) -> None:
+    rss_before = resident_bytes(agent.pid)
+    with AgentConnection.connect(path) as connection:
+        connection.send_start(["cat", "/dev/zero"])
+        queued = wait_queue_settled(connection.sock)
+        rss_during = resident_bytes(agent.pid)
+    assert queued < 4 * MIB
+    assert rss_during - rss_before < 16 * MIB
