@@ -37,6 +37,11 @@ cdef class FrameDecoder:
     cdef object _error
     # Set by feed_eof(), by a read that returned 0, and after a read error.
     cdef bint _eof
+    # Delivered large payloads kept for reuse once the caller drops them.
+    cdef list _spares
+
+    cdef bytes _take_spare(self, Py_ssize_t length)
+    cdef int _keep_spare(self, bytes payload) except -1
 
     cdef int _raise_pending(self) except -1
     cdef list _deliver(self, list frames)

@@ -44,6 +44,8 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, ENOTSOCK, errno
 from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove, memset
@@ -77,6 +79,13 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<Python.h>":
     const Py_ssize_t PY_SSIZE_T_MAX
+    ctypedef struct PyBytesObject:
+        Py_hash_t ob_shash
+    Py_ssize_t Py_REFCNT(PyObject *o)
+
+cdef enum:
+    SPARE_MIN_SIZE = 1024 * 1024
+    MAX_SPARES = 2
 
 
 __all__ = [
@@ -237,6 +246,7 @@ cdef class FrameDecoder:
         self._payload_type = 0
         self._error = None
         self._eof = False
+        self._spares = []
 
     @property
     def at_eof(self):
@@ -446,7 +456,9 @@ cdef class FrameDecoder:
         cdef Py_ssize_t begin = self._start + FRAME_HEADER_SIZE
         cdef Py_ssize_t count = self._end - begin
 
-        payload = PyBytes_FromStringAndSize(NULL, length)
+        payload = self._take_spare(length)
+        if payload is None:
+            payload = PyBytes_FromStringAndSize(NULL, length)
         memcpy(PyBytes_AS_STRING(payload), self._buffer + begin, count)
         self._payload = payload
         self._payload_length = length
@@ -460,11 +472,36 @@ cdef class FrameDecoder:
         if self._payload is None or self._payload_filled < self._payload_length:
             return 0
         frames.append((self._payload_type, self._payload))
+        self._keep_spare(self._payload)
         self._payload = None
         self._payload_length = 0
         self._payload_filled = 0
         return 0
 
+
+    cdef bytes _take_spare(self, Py_ssize_t length):
+        # A spare whose only reference is this list is invisible to everyone
+        # else, so overwriting it keeps bytes immutable for every observer.
+        cdef Py_ssize_t index
+        cdef PyObject *item
+        cdef bytes payload
+
+        for index in range(PyList_GET_SIZE(self._spares)):
+            item = PyList_GET_ITEM(self._spares, index)
+            if Py_REFCNT(item) == 1 and PyBytes_GET_SIZE(<object>item) == length:
+                payload = <bytes>item
+                del self._spares[index]
+                (<PyBytesObject *>item).ob_shash = -1
+                return payload
+        return None
+
+    cdef int _keep_spare(self, bytes payload) except -1:
+        if PyBytes_GET_SIZE(payload) < SPARE_MIN_SIZE:
+            return 0
+        self._spares.append(payload)
+        if len(self._spares) > MAX_SPARES:
+            del self._spares[0]
+        return 0
 
 cdef class FrameWriter:
     """Queue frames and write them to a non-blocking fd.
