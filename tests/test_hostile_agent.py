@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -187,6 +188,23 @@ def flood(chunk: bytes) -> Handler:
         accept_start(conn)
         while True:
             conn.sendall(chunk)
+
+    return handler
+
+
+def stall(*chunks: bytes) -> Handler:
+    """Return a handler that sends ``chunks`` after START and then reads nothing.
+
+    It returns once the host closes or the test cuts the connection.
+    """
+
+    def handler(conn: socket.socket) -> None:
+        accept_start(conn)
+        for chunk in chunks:
+            conn.sendall(chunk)
+        poller = select.poll()
+        poller.register(conn, select.POLLRDHUP)
+        poller.poll()
 
     return handler
 
@@ -485,3 +503,41 @@ def test_clock_sync_hostile_reply(
     outcome = guarded(agent, lambda: sync_clock(api, sock_path), limit=5.0)
     assert not outcome.hung
     assert isinstance(outcome.error, ClockSyncError)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_exit_while_input_pending(
+    start_agent: Callable[[Handler], HostileAgent], sock_path: str, api: str
+) -> None:
+    # The agent exits and closes without reading the 8 MiB of input.
+    agent = start_agent(script(stdout_frame(b"bye"), exit_frame(0), close=True))
+    data = b"i" * (8 * MIB)
+    outcome = guarded(agent, lambda: run_command(api, sock_path, input=data))
+    assert not outcome.hung
+    assert outcome.error is None
+    assert outcome.result.exit_code == 0
+    assert outcome.result.stdout == b"bye"
+
+
+def exec_write(api: str, path: str, data: bytes, timeout: float) -> None:
+    if api == "blocking":
+        with fcvsock.exec(path, ["cmd"], timeout=timeout) as session:
+            session.write(data)
+        return
+
+    async def write() -> None:
+        async with fcvsock.aio.exec(path, ["cmd"], timeout=timeout) as session:
+            await session.write(data)
+
+    asyncio.run(write())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_stdin_never_read_hits_deadline(
+    start_agent: Callable[[Handler], HostileAgent], sock_path: str, api: str
+) -> None:
+    agent = start_agent(stall(stdout_frame(b"reading nothing")))
+    data = b"i" * (16 * MIB)
+    outcome = guarded(agent, lambda: exec_write(api, sock_path, data, HOST_TIMEOUT))
+    assert not outcome.hung
+    assert isinstance(outcome.error, SessionTimeoutError)
