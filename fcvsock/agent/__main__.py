@@ -1,0 +1,8 @@
+"""Run the agent as ``python -m fcvsock.agent``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
