@@ -14,10 +14,12 @@ import json
 import select
 import socket
 import struct
+import subprocess
 import tempfile
 import termios
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from agent_client import (
@@ -420,3 +422,36 @@ def test_unread_output_bounded(agent: AgentProcess, path: str) -> None:
         rss_during = resident_bytes(agent.pid)
     assert queued < 4 * MIB
     assert rss_during - rss_before < 16 * MIB
+
+
+@pytest.fixture
+def fd_starved_agent(monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentProcess]:
+    real_popen = subprocess.Popen
+
+    def popen_with_fd_limit(command: list[str], **options: Any) -> Any:
+        # The shell lowers the fd limit, then execs the agent in its place.
+        wrapped = ["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", *command]
+        return real_popen(wrapped, **options)
+
+    with tempfile.TemporaryDirectory(prefix="fcvf") as directory:
+        process = AgentProcess(directory, "--first-frame-timeout", "0.5")
+        with monkeypatch.context() as patch:
+            patch.setattr(subprocess, "Popen", popen_with_fd_limit)
+            process.start()
+        yield process
+        process.stop()
+
+
+def test_fd_exhaustion_survived(fd_starved_agent: AgentProcess) -> None:
+    path = fd_starved_agent.unix_path
+    idle = [AgentConnection.connect(path) for _ in range(80)]
+    try:
+        result = send_start(path, start_payload(["true"]), timeout=10.0)
+        assert result.exit_code in (0, 127)
+    finally:
+        for connection in idle:
+            connection.close()
+    assert wait_until(lambda: _serves(path))
+    assert fd_starved_agent.process is not None
+    assert fd_starved_agent.process.poll() is None
+    assert "Too many open files" in fd_starved_agent.log()
