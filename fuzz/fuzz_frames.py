@@ -184,6 +184,10 @@ def read_fd_trace(core: ModuleType, case: FuzzCase) -> dict[str, Any]:
             calls += 1
             try:
                 frames.extend(decoder.read_fd(local.fileno(), budget))
+                # A zero budget reads nothing and only reports a deferred error.
+                buffered = decoder.buffered
+                if decoder.read_fd(local.fileno(), 0) or decoder.buffered != buffered:
+                    raise AssertionError(f"{core.__name__}: read_fd(fd, 0) consumed")
             except ProtocolError as exc:
                 error = exc
                 break
