@@ -4,7 +4,8 @@ A scripted agent behind a Unix socket completes the VMM handshake, reads
 START and then sends what each test scripts.  Every call runs in a worker
 thread with a guard: a call still running after ``GUARD`` seconds counts as
 hung, and the test then closes the guest side so the worker can end.
-Each case runs through the blocking and the asyncio API.
+Each case runs through the blocking API and the asyncio API on both the
+standard event loop and uvloop.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from scripted_peer import accept_start, exit_frame, frame, stdout_frame, wait_until_eof
@@ -37,7 +38,7 @@ from fcvsock.errors import (
 )
 from fcvsock.protocol import MAX_OUTPUT_CHUNK, MAX_PAYLOAD, FrameType
 
-APIS = ["blocking", "asyncio"]
+APIS = ["blocking", "asyncio", "uvloop"]
 # Seconds after which a call counts as hung.
 GUARD = 15.0
 HOST_TIMEOUT = 0.5
@@ -45,6 +46,7 @@ MIB = 1024 * 1024
 UNKNOWN_TYPE = 0x7F
 
 Handler = Callable[[socket.socket], None]
+T = TypeVar("T")
 
 
 def header(frame_type: int, length: int) -> bytes:
@@ -162,10 +164,22 @@ def guarded(
     return Outcome(box.get("result"), box.get("error"), hung)
 
 
+def run_async(api: str, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on a new event loop of the kind ``api`` names."""
+    if api == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coroutine)
+    return asyncio.run(coroutine)
+
+
 def run_command(api: str, path: str, **options: Any) -> fcvsock.RunResult:
     if api == "blocking":
         return fcvsock.run(path, ["cmd"], connect_timeout=GUARD, **options)
-    return asyncio.run(fcvsock.aio.run(path, ["cmd"], connect_timeout=GUARD, **options))
+    return run_async(
+        api, fcvsock.aio.run(path, ["cmd"], connect_timeout=GUARD, **options)
+    )
 
 
 def script(*chunks: bytes, close: bool = False) -> Handler:
@@ -286,7 +300,7 @@ def _slow_reader_peak(api: str, path: str, max_buffered: int) -> int:
             await items.aclose()
             return peak
 
-        return asyncio.run(take_one())
+        return run_async(api, take_one())
     finally:
         tracemalloc.stop()
 
@@ -437,7 +451,7 @@ def stream_items(api: str, path: str, **options: Any) -> list[Any]:
         items = fcvsock.aio.stream(path, ["cmd"], connect_timeout=GUARD, **options)
         return [item async for item in items]
 
-    return asyncio.run(collect())
+    return run_async(api, collect())
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -462,7 +476,7 @@ def exec_wait(api: str, path: str, timeout: float) -> Any:
         async with fcvsock.aio.exec(path, ["cmd"], connect_timeout=GUARD) as session:
             return await session.wait(timeout=timeout)
 
-    return asyncio.run(wait())
+    return run_async(api, wait())
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -478,7 +492,7 @@ def test_flood_exec_wait_deadline(
 def sync_clock(api: str, path: str) -> int:
     if api == "blocking":
         return fcvsock.sync_clock(path, reply_timeout=HOST_TIMEOUT)
-    return asyncio.run(fcvsock.aio.sync_clock(path, reply_timeout=HOST_TIMEOUT))
+    return run_async(api, fcvsock.aio.sync_clock(path, reply_timeout=HOST_TIMEOUT))
 
 
 @pytest.mark.parametrize("api", APIS)
@@ -529,7 +543,7 @@ def exec_write(api: str, path: str, data: bytes, timeout: float) -> None:
         async with fcvsock.aio.exec(path, ["cmd"], timeout=timeout) as session:
             await session.write(data)
 
-    asyncio.run(write())
+    run_async(api, write())
 
 
 @pytest.mark.parametrize("api", APIS)
