@@ -5,12 +5,12 @@ Run from the repository root::
     python fuzz/reliability.py                  # about two minutes
     python fuzz/reliability.py --scale 1 --fuzz-seconds 60
 
-It keeps concurrent sessions open on stand-in VMs, runs sequential cycles and
-commands that leave background children, runs the fault and hostile-peer
-test files and counts their cases, fuzzes the frame core, and measures
-memory peaks and rates under hostile guests.  Everything runs on this
-machine against Unix sockets in temporary directories.  The figures come
-out as a Markdown table.
+It keeps concurrent sessions open on stand-in VMs, runs sequential cycles,
+and runs commands that leave background children.  It then measures memory
+peaks and rates under hostile guests, fuzzes the frame core, and runs the
+fault and hostile-peer test files to count their cases.  Everything runs on
+this machine against Unix sockets in temporary directories, and the figures
+come out as a Markdown table.
 """
 
 from __future__ import annotations
