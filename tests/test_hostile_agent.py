@@ -280,29 +280,34 @@ def _slow_reader_peak(api: str, path: str, max_buffered: int) -> int:
 
     The blocking caller takes 100 items one at a time, and each ``next``
     lets the host read up to its limit again.  The asyncio caller takes one
-    item and then idles while the loop keeps running its callbacks.
+    item and then idles while the loop keeps running its callbacks.  Tracing
+    starts inside the event loop, so the loop's own buffers are not counted.
     """
-    tracemalloc.start()
-    try:
-        if api == "blocking":
+    if api == "blocking":
+        tracemalloc.start()
+        try:
             items = fcvsock.stream(path, ["cmd"], max_buffered=max_buffered)
             for _ in range(100):
                 next(items)
             peak = tracemalloc.get_traced_memory()[1]
             items.close()
             return peak
+        finally:
+            tracemalloc.stop()
 
-        async def take_one() -> int:
+    async def take_one() -> int:
+        tracemalloc.start()
+        try:
             items = fcvsock.aio.stream(path, ["cmd"], max_buffered=max_buffered)
             await items.__anext__()
             await asyncio.sleep(0.3)
             peak = tracemalloc.get_traced_memory()[1]
             await items.aclose()
             return peak
+        finally:
+            tracemalloc.stop()
 
-        return run_async(api, take_one())
-    finally:
-        tracemalloc.stop()
+    return run_async(api, take_one())
 
 
 @pytest.mark.parametrize("api", APIS)
