@@ -6,7 +6,8 @@ Run a bounded session with::
 
 Any other libFuzzer flag works too.  Without a corpus directory argument
 the run starts from the seeds in ``tests/fuzz_corpus/seeds`` and keeps new
-inputs in a temporary directory.  Inputs that crash are written to
+inputs in ``fcvsock-fuzz-corpus`` under the temporary directory, where the
+next run picks them up.  Inputs that crash are written to
 ``tests/fuzz_corpus/crashes/``, which ``tests/test_fuzz.py`` replays.
 
 Coverage comes from the pure-Python twin, which atheris instruments.  The
@@ -36,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = REPO_ROOT / "tests" / "fuzz_corpus"
 SEED_DIR = CORPUS_DIR / "seeds"
 CRASH_DIR = CORPUS_DIR / "crashes"
+WORK_CORPUS_DIR = Path(tempfile.gettempdir()) / "fcvsock-fuzz-corpus"
 
 HEADER = struct.Struct("<BI")
 MAX_PAYLOAD = 16 * 1024 * 1024
@@ -345,9 +347,11 @@ def main(argv: list[str]) -> None:
         arguments.insert(1, f"-artifact_prefix={CRASH_DIR}{os.sep}")
     if not any(not arg.startswith("-") for arg in arguments[1:]):
         # libFuzzer adds new inputs to the first directory only, so the
-        # seeds in the repository stay as they are.
+        # seeds in the repository stay as they are.  It exits from C, so no
+        # Python cleanup runs; one fixed directory is reused across runs.
         write_seeds()
-        arguments += [tempfile.mkdtemp(prefix="fcvsock-fuzz-"), str(SEED_DIR)]
+        WORK_CORPUS_DIR.mkdir(parents=True, exist_ok=True)
+        arguments += [str(WORK_CORPUS_DIR), str(SEED_DIR)]
     atheris.Setup(arguments, _fuzz_one)
     atheris.Fuzz()
 
