@@ -455,3 +455,41 @@ def results_page(document: dict[str, Any], json_name: str, plots: Sequence[str])
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+# README summary.
+
+README_START = "<!-- benchmarks:start -->"
+README_END = "<!-- benchmarks:end -->"
+
+
+def readme_summary(document: dict[str, Any], page_link: str) -> str:
+    """Return the README's results block: machine, targets, receive table."""
+    machine = document["machine"]
+    lines = [
+        README_START,
+        (
+            f"Latest full run: {machine['date'][:10]} on {machine['cpu_model']}, "
+            f"{machine['usable_cpus']} usable CPUs, {machine['kernel']}, "
+            f"{machine['python']}; {document['repetitions']} interleaved "
+            f"repetitions, medians. All tables and plots: [{page_link}]({page_link})."
+        ),
+        "",
+    ]
+    lines += [f"- {verdict_line(v)}" for v in document["targets"]]
+    receive = _section(document, "receive")
+    if receive is not None:
+        lines += ["", _receive_table(receive).as_markdown()]
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, summary: str) -> str:
+    """Return ``readme`` with the block between the markers replaced."""
+    start = readme.find(README_START)
+    end = readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(
+            f"update README: markers {README_START} and {README_END} not found"
+        )
+    return readme[:start] + summary + readme[end + len(README_END):]

@@ -38,6 +38,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT_DIR = BENCHMARKS_DIR / "results"
 QUICK_OUTPUT_DIR = DEFAULT_OUTPUT_DIR / "quick"
 RESULTS_PAGE = BENCHMARKS_DIR / "RESULTS.md"
+README = BENCHMARKS_DIR.parent / "README.md"
 JSON_NAME = "latest.json"
 FULL_REPETITIONS = 7
 QUICK_REPETITIONS = 2
@@ -207,6 +208,17 @@ def publish(document: dict[str, Any], output_dir: Path, page: Path) -> None:
     )
     for path in [output_dir / JSON_NAME, *map(Path, written), page]:
         print(f"wrote {path}", file=sys.stderr)
+    if page == RESULTS_PAGE and not document.get("quick"):
+        _update_readme(document)
+
+
+def _update_readme(document: dict[str, Any]) -> None:
+    """Put the targets and the receive table of a full run in the README."""
+    link = os.path.relpath(RESULTS_PAGE, README.parent)
+    summary = report.readme_summary(document, link)
+    text = README.read_text(encoding="utf-8")
+    README.write_text(report.update_readme(text, summary), encoding="utf-8")
+    print(f"wrote the results summary in {README}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

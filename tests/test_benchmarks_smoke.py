@@ -75,3 +75,19 @@ def test_quick_writes_results_page(quick_run: tuple[Path, dict[str, Any]]) -> No
     output_dir, _ = quick_run
     page = (output_dir / "RESULTS.md").read_text(encoding="utf-8")
     assert page.startswith("# Benchmark results")
+
+
+def test_readme_block_replaced_between_markers() -> None:
+    from benchmarks import report
+
+    readme = f"intro\n{report.README_START}\nold\n{report.README_END}\nrest\n"
+    summary = f"{report.README_START}\nnew\n{report.README_END}"
+    updated = report.update_readme(readme, summary)
+    assert updated == f"intro\n{summary}\nrest\n"
+
+
+def test_readme_without_markers_rejected() -> None:
+    from benchmarks import report
+
+    with pytest.raises(ValueError, match="markers"):
+        report.update_readme("no markers here\n", "summary")
