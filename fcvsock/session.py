@@ -54,6 +54,8 @@ DEFAULT_MAX_BUFFERED = 4 * 1024 * 1024
 # the event loop or push the queue far past max_buffered.
 READ_BUDGET = 1024 * 1024
 MAX_READS_PER_EVENT = 4
+# Empty frames are 5 bytes, so one full read can hold 200,000 of them.
+MAX_FRAMES_PER_EVENT = 16384
 # Writers wait for the kernel once this much is queued in user space.
 WRITE_HIGH_WATER = 256 * 1024
 
@@ -181,20 +183,23 @@ class SessionCore:
     def on_readable(self) -> None:
         """Read what the socket has and turn it into output or a result.
 
-        At most ``MAX_READS_PER_EVENT`` reads are made, so a guest that
+        At most ``MAX_READS_PER_EVENT`` reads are made, and no further read
+        once ``MAX_FRAMES_PER_EVENT`` frames were handled, so a guest that
         sends faster than the host parses cannot keep the caller from
-        checking its deadline or starve the event loop.
+        checking its deadline or stall the event loop for long.
         """
         budget = self._read_budget()
+        handled = 0
         for _ in range(MAX_READS_PER_EVENT):
-            if not self.wants_read:
-                return
+            if not self.wants_read or handled >= MAX_FRAMES_PER_EVENT:
+                break
             buffered_before = self.decoder.buffered
             frames = self._read(budget)
             if frames is None:
                 return
             if frames:
                 self._handle(frames)
+                handled += len(frames)
                 budget = self._read_budget()
             elif self.decoder.at_eof:
                 self._end_of_stream()

@@ -8,7 +8,12 @@ import struct
 from fcvsock.errors import SessionProtocolError
 from fcvsock.handshake import Handshake
 from fcvsock.protocol import FrameType
-from fcvsock.session import MAX_READS_PER_EVENT, READ_BUDGET, SessionCore
+from fcvsock.session import (
+    MAX_FRAMES_PER_EVENT,
+    MAX_READS_PER_EVENT,
+    READ_BUDGET,
+    SessionCore,
+)
 
 
 def _frame(frame_type: int, payload: bytes) -> bytes:
@@ -51,6 +56,21 @@ def test_error_behind_capped_reads_is_reported() -> None:
         core.on_readable()
         assert core.failure is not None
         assert isinstance(core.error(), SessionProtocolError)
+    finally:
+        core.close()
+        guest.close()
+
+
+def test_on_readable_stops_after_frame_cap() -> None:
+    # Tiny frames: one read already passes MAX_FRAMES_PER_EVENT, so no second
+    # read happens in the same event.
+    tiny = _frame(FrameType.STDOUT, b"x")
+    count = 4 * READ_BUDGET // len(tiny)
+    core, guest = _core_with_guest_bytes(tiny * count)
+    try:
+        core.on_readable()
+        delivered = sum(len(part) for part in core.stdout_parts)
+        assert MAX_FRAMES_PER_EVENT <= delivered <= READ_BUDGET // len(tiny) + 1
     finally:
         core.close()
         guest.close()
