@@ -8,6 +8,7 @@ for a local stand-in VM whose host clock must stay untouched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,6 +21,7 @@ __all__ = ["ClockSetter", "SystemClock", "VirtualClock"]
 ClockSetter = Callable[[int, int], None]
 
 _NS_PER_SECOND = 1_000_000_000
+_MAX_REALTIME_NS = 2**63
 
 
 class SystemClock:
@@ -50,7 +52,18 @@ class VirtualClock:
         self.set_ns(seconds * _NS_PER_SECOND + nanoseconds)
 
     def set_ns(self, realtime_ns: int) -> None:
-        """Set the guest wall clock to ``realtime_ns`` nanoseconds since the epoch."""
+        """Set the guest wall clock to ``realtime_ns`` nanoseconds since the epoch.
+
+        Raises ``OSError`` (EINVAL) for a time before the epoch or past what
+        a signed 64-bit nanosecond count holds, as Linux's clock_settime(2)
+        does for CLOCK_REALTIME.
+        """
+        if not 0 <= realtime_ns < _MAX_REALTIME_NS:
+            raise OSError(
+                errno.EINVAL,
+                f"set virtual clock: time must be in 0..{_MAX_REALTIME_NS - 1} ns, "
+                f"got {realtime_ns}",
+            )
         record = {"realtime_ns": realtime_ns, "monotonic_ns": time.monotonic_ns()}
         self._replace(json.dumps(record).encode())
 

@@ -833,6 +833,14 @@ def test_virtual_clock_file_format(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["clock.json"]
 
 
+@pytest.mark.parametrize("seconds", [-1, 2**63 // 10**9 + 1, 2**63 - 1, -(2**63)])
+def test_virtual_clock_rejects_out_of_range(tmp_path: Path, seconds: int) -> None:
+    clock = VirtualClock(tmp_path / "clock.json")
+    with pytest.raises(OSError, match="time must be in"):
+        clock(seconds, 0)
+    assert not (tmp_path / "clock.json").exists()
+
+
 def test_virtual_clock_rejects_bad_file(tmp_path: Path) -> None:
     (tmp_path / "clock.json").write_text('{"realtime_ns": "soon"}')
     with pytest.raises(ValueError, match="realtime_ns must be an integer"):
