@@ -383,7 +383,12 @@ class AsyncExecSession:
         return self._live().core.exit_status
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` to stdin, waiting while the socket is full."""
+        """Send ``data`` to stdin, waiting while the socket is full.
+
+        Output is read meanwhile only up to ``max_buffered``; a command that
+        echoes more than that needs another task reading the session while
+        this one writes.
+        """
         if self._stdin_closed:
             raise ValueError("write: stdin was already closed")
         session = self._live()

@@ -296,7 +296,14 @@ class ExecSession:
         return self._core.exit_status
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` to the command's stdin, blocking while the socket is full."""
+        """Send ``data`` to the command's stdin, blocking while the socket is full.
+
+        Output is read meanwhile, but only up to ``max_buffered``: a command
+        that echoes more than that (``cat`` fed a large input) blocks both
+        sides until the session's deadline.  Read output while writing, from
+        another thread or with :func:`fcvsock.aio.exec`, or use :func:`run`
+        with ``input=``, which collects output as it writes.
+        """
         if self._stdin_closed:
             raise ValueError("write: stdin was already closed")
         feeder = InputFeeder(data)
