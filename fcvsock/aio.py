@@ -173,7 +173,7 @@ class _Session:
         _feed_input(self.core, feeder)
         self.driver.update()
 
-    async def drain(self, high_water: int) -> None:
+    async def drain(self, high_water: int, *, raise_write_error: bool = True) -> None:
         core = self.core
         core.flush()
         self.driver.update()
@@ -181,7 +181,7 @@ class _Session:
             if core.sock is None:
                 break
             await self.wait()
-        if core.write_error is not None:
+        if core.write_error is not None and raise_write_error:
             raise core.make_error(
                 ConnectionLostError,
                 f"send to guest failed: {core.write_error}",
@@ -366,7 +366,9 @@ class AsyncExecSession:
             session = await opener()
             self._session = session
             try:
-                await session.drain(0)
+                # A guest that closed before taking START may still have sent
+                # output and EOF; reading reports that, with the output.
+                await session.drain(0, raise_write_error=False)
             except BaseException:
                 session.close()
                 raise

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from . import aio, terminal
 from .errors import FcvsockError, SessionTimeoutError
@@ -56,13 +58,49 @@ command; a second Ctrl-C within {_DOUBLE_INTERRUPT} closes the session (exit sta
 {_EPILOG}"""
 
 
+class _UsageError(Exception):
+    """A command line that fcvsock cannot act on; reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with :data:`EXIT_FAILURE`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message}\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number of seconds, got {text!r}"
+        )
+    return value
+
+
+def _u32(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in 0..4294967295, got {text!r}"
+        )
+    return value
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--port", type=int, default=AGENT_PORT,
+        "--port", type=_u32, default=AGENT_PORT,
         help=f"guest vsock port of the agent (default {AGENT_PORT})",
     )
     parser.add_argument(
-        "--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+        "--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT,
         metavar="S",
         help="seconds to keep retrying while the VM or agent is not ready "
         f"(default {DEFAULT_CONNECT_TIMEOUT:g})",
@@ -77,11 +115,11 @@ def _add_command_options(parser: argparse.ArgumentParser, split: bool) -> None:
     )
     _add_connection_options(parser)
     parser.add_argument(
-        "--timeout", type=float, default=None, metavar="S",
+        "--timeout", type=_seconds, default=None, metavar="S",
         help="host-side deadline in seconds for the whole command (default none)",
     )
     parser.add_argument(
-        "--remote-timeout", type=int, default=0, metavar="S",
+        "--remote-timeout", type=_u32, default=0, metavar="S",
         help="seconds after which the agent kills the command's process group "
         "(default 0: never)",
     )
@@ -106,7 +144,7 @@ def _add_command_options(parser: argparse.ArgumentParser, split: bool) -> None:
 
 
 def _build_parser(split: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fcvsock",
         description="Run commands in Firecracker / Cloud Hypervisor microVMs "
         "through the guest agent on vsock port 52.",
@@ -154,7 +192,7 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"fcvsock: invalid --env {pair!r}: expected KEY=VALUE")
+            raise _UsageError(f"invalid --env {pair!r}: expected KEY=VALUE")
         env[key] = value
     return env
 
@@ -167,14 +205,14 @@ def _split_target(args: argparse.Namespace, cmd: list[str] | None) -> None:
         words = words[:0 if args.local else 1]
     if args.local:
         if words:
-            raise SystemExit(f"fcvsock: give either --local or UDS, not both: {words[0]!r}")
+            raise _UsageError(f"give either --local or UDS, not both: {words[0]!r}")
         args.uds_path = None
     elif len(words) != 1:
-        raise SystemExit("fcvsock: expected one UDS path before '--', or --local")
+        raise _UsageError("expected one UDS path before '--', or --local")
     else:
         args.uds_path = words[0]
     if not cmd and args.command != "exec":
-        raise SystemExit("fcvsock: missing command: give it after '--'")
+        raise _UsageError("missing command: give it after '--'")
     args.cmd = cmd
 
 
@@ -194,16 +232,28 @@ def _target(args: argparse.Namespace) -> Iterator[str]:
 
 
 def _exit_code(status: ExitStatus) -> int:
-    if status.signal:
+    """Map the remote exit status onto this process's 0..255."""
+    if status.signal is not None and 1 <= status.signal <= 64:
         return 128 + status.signal
-    return status.exit_code & 0xFF
+    if 0 <= status.exit_code <= 255:
+        return status.exit_code
+    # Truncating to 8 bits would turn 256 into success; report a failure that
+    # cannot be mistaken for fcvsock's own 124 or 255.
+    print(
+        f"fcvsock: remote exit code {status.exit_code} is outside 0..255; "
+        "exiting with 1",
+        file=sys.stderr,
+    )
+    return 1
 
 
 async def _run_session(args: argparse.Namespace, uds_path: str) -> int:
     # stdin is forwarded only when it is not a terminal, so that
-    # `fcvsock run vm.sock -- cmd` typed at a prompt does not wait for input.
-    forward = not os.isatty(sys.stdin.fileno())
-    tty_size = terminal.window_size(sys.stdout.fileno()) if args.tty else None
+    # `fcvsock run vm.sock -- cmd` typed at a prompt does not wait for input;
+    # Ctrl-C at that prompt then sends SIGINT to the command instead.
+    stdin_is_terminal = os.isatty(0)
+    forward = not stdin_is_terminal and _is_open(0)
+    tty_size = terminal.window_size(1) if args.tty else None
     async with aio.exec(
         uds_path, args.cmd, env=_parse_env(args.env), cwd=args.cwd,
         user=args.user, tty=args.tty, tty_size=tty_size,
@@ -215,13 +265,22 @@ async def _run_session(args: argparse.Namespace, uds_path: str) -> int:
         else:
             with open(os.devnull, "rb") as no_input:  # noqa: ASYNC230 - never blocks
                 ending = await terminal.interact(
-                    session, tty=args.tty, stdin_fd=no_input.fileno()
+                    session, tty=args.tty, stdin_fd=no_input.fileno(),
+                    forward_interrupt=stdin_is_terminal,
                 )
     return ending if isinstance(ending, int) else _exit_code(ending)
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 async def _exec_session(args: argparse.Namespace, uds_path: str) -> int:
-    stdin_is_terminal = os.isatty(sys.stdin.fileno())
+    stdin_is_terminal = os.isatty(0)
     cmd = args.cmd or list(_LOGIN_SHELL)
     tty = args.tty or (not args.cmd and stdin_is_terminal)
     if args.tty and not stdin_is_terminal:
@@ -233,7 +292,7 @@ async def _exec_session(args: argparse.Namespace, uds_path: str) -> int:
     env = _parse_env(args.env)
     if tty and "TERM" in os.environ:
         env.setdefault("TERM", os.environ["TERM"])
-    tty_size = terminal.window_size(sys.stdin.fileno(), sys.stdout.fileno())
+    tty_size = terminal.window_size(0, 1)
     async with aio.exec(
         uds_path, cmd, env=env, cwd=args.cwd, user=args.user,
         tty=tty, tty_size=tty_size if tty else None,
@@ -262,7 +321,10 @@ def _command_main(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace, exc: BaseException, started: float) -> None:
     elapsed = time.monotonic() - started
     where = "local VM" if getattr(args, "local", False) else args.uds_path
-    print(f"fcvsock: {where}: {exc} (after {elapsed:.1f} s)", file=sys.stderr)
+    message = str(exc)
+    if where not in message:
+        message = f"{where}: {message}"
+    print(f"fcvsock: {message} (after {elapsed:.1f} s)", file=sys.stderr)
 
 
 def _sync_clock_main(args: argparse.Namespace) -> int:
@@ -290,7 +352,18 @@ def _sync_clock_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fcvsock`` command line; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except _UsageError as exc:
+        print(f"fcvsock: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        # The connection is closed by now, so the agent kills the command.
+        print("fcvsock: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "local-vm":
         from .localvm import main as local_vm_main
 
@@ -312,12 +385,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         _split_target(args, cmd)
         return _command_main(args)
     if cmd is not None:
-        raise SystemExit(f"fcvsock {args.command}: unexpected '--'")
+        raise _UsageError(f"{args.command}: unexpected '--'")
     return _sync_clock_main(args)
 
 
 def entry_point() -> None:
-    """Console-script entry: exit with :func:`main`'s status."""
-    # Output to a closed pipe (``fcvsock run ... | head``) ends quietly.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    """Console-script entry: exit with :func:`main`'s status.
+
+    SIGPIPE stays ignored, as CPython sets it: the agent and the stand-in VM
+    run in this process too and must survive a peer that went away.  Output
+    to a closed pipe (``fcvsock run ... | head``) ends with status 141 from
+    the BrokenPipeError instead.  SIGTERM and SIGHUP unwind like Ctrl-C, so
+    a ``--local`` VM and its temporary files are removed.
+    """
+    for ending in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(ending) == signal.SIG_DFL:
+            signal.signal(ending, _exit_on_signal)
     sys.exit(main())
+
+
+def _exit_on_signal(signal_number: int, frame: object) -> None:
+    raise SystemExit(128 + signal_number)

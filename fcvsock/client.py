@@ -381,14 +381,14 @@ class ExecSession:
         self._core.send(frame_type, payload)
         self._drain(WRITE_HIGH_WATER)
 
-    def _drain(self, high_water: int) -> None:
+    def _drain(self, high_water: int, *, raise_write_error: bool = True) -> None:
         core = self._core
         core.flush()
         while core.pending_writes > high_water:
             if core.sock is None or core.write_error is not None:
                 break
             self._wait(self._deadline, self._timeout)
-        if core.write_error is not None:
+        if core.write_error is not None and raise_write_error:
             raise core.make_error(
                 ConnectionLostError,
                 f"send to guest failed: {core.write_error}",
@@ -444,7 +444,9 @@ def exec(
     )
     session = ExecSession(core, timeout)
     try:
-        session._drain(0)
+        # A guest that closed before taking START may still have sent output
+        # and EOF; reading reports that, with the output.
+        session._drain(0, raise_write_error=False)
     except BaseException:
         core.close()
         raise

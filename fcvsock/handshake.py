@@ -154,7 +154,8 @@ def _give_up(
     cause = f": last error: {last_error}" if last_error else ""
     return HandshakeTimeoutError(
         f"connect to guest port {port} via {uds_path}: not ready within "
-        f"{timeout:g} s after {attempts} attempts{cause}",
+        f"{timeout:g} s after {attempts} attempt{'' if attempts == 1 else 's'}"
+        f"{cause}",
         attempts,
         last_error,
     )
@@ -226,10 +227,11 @@ def connect_blocking(
         else:
             return Handshake(sock, host_port, rest, attempts)
         log.debug("connect %s port %d attempt %d: %s", path, port, attempts, last_error)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if deadline - time.monotonic() <= delay:
+            # An attempt after the last sleep would have no time left to read
+            # a reply, and its timeout would hide the real last error.
             break
-        time.sleep(min(delay, remaining))
+        time.sleep(delay)
     raise _give_up(path, port, timeout, attempts, last_error) from last_error
 
 
@@ -325,10 +327,11 @@ async def connect_async(
         else:
             return Handshake(sock, host_port, rest, attempts)
         log.debug("connect %s port %d attempt %d: %s", path, port, attempts, last_error)
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        if deadline - loop.time() <= delay:
+            # An attempt after the last sleep would have no time left to read
+            # a reply, and its timeout would hide the real last error.
             break
-        await asyncio.sleep(min(delay, remaining))
+        await asyncio.sleep(delay)
     raise _give_up(path, port, timeout, attempts, last_error) from last_error
 
 

@@ -178,6 +178,7 @@ async def interact(
     stdin_fd: int = 0,
     stdout_fd: int = 1,
     stderr_fd: int = 2,
+    forward_interrupt: bool | None = None,
 ) -> ExitStatus | int:
     """Connect stdin, stdout and stderr to ``session`` until the session ends.
 
@@ -187,8 +188,9 @@ async def interact(
     :data:`ESCAPE_HELP`) and with SIGHUP, SIGINT, SIGQUIT, SIGPIPE and SIGTERM
     ending the session.  Without ``tty`` and with a terminal on ``stdin_fd``,
     Ctrl-C sends SIGINT to the remote command, and a second Ctrl-C within
-    :data:`DOUBLE_INTERRUPT_SECONDS` ends the session.  EOF on stdin is sent
-    as EOF.
+    :data:`DOUBLE_INTERRUPT_SECONDS` ends the session; ``forward_interrupt``
+    overrides that choice, for callers that read stdin from elsewhere.  EOF
+    on stdin is sent as EOF.
 
     Returns the remote exit status, or the exit code for a session that ended
     here: :data:`EXIT_DISCONNECTED` after ``~.`` and 128+N after signal N.
@@ -196,7 +198,10 @@ async def interact(
     the main thread.  Signals ignored at the start stay ignored, and the
     handlers replaced are put back at the end.
     """
-    return await _Interaction(session, tty, stdin_fd, stdout_fd, stderr_fd).run()
+    interaction = _Interaction(session, tty, stdin_fd, stdout_fd, stderr_fd)
+    if forward_interrupt is not None:
+        interaction.forward_interrupt = forward_interrupt
+    return await interaction.run()
 
 
 class _Interaction:
@@ -215,7 +220,7 @@ class _Interaction:
         stdin_is_terminal = os.isatty(stdin_fd)
         self._raw = tty and stdin_is_terminal
         self._track_window = tty
-        self._forward_interrupt = not tty and stdin_is_terminal
+        self.forward_interrupt = not tty and stdin_is_terminal
         self._stdin_pollable = True
         self._loop = asyncio.get_running_loop()
         self._local_exit: asyncio.Future[int] = self._loop.create_future()
@@ -245,7 +250,7 @@ class _Interaction:
         if self._raw:
             for terminating in _TERMINATING_SIGNALS:
                 handlers[terminating] = functools.partial(self._end, 128 + terminating)
-        if self._forward_interrupt:
+        if self.forward_interrupt:
             handlers[signal.SIGINT] = self._on_interrupt
         previous: dict[int, _Handler] = {}
         try:

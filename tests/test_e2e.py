@@ -233,3 +233,19 @@ def test_cli_exits_while_stdin_stays_open(vm: LocalVM) -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_cli_closed_stdout_ends_quietly(vm: LocalVM) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fcvsock", "run", vm.uds_path, "--", "yes"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(1) == b"y"
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(timeout=30) == 141
+    assert b"Traceback" not in stderr
