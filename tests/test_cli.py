@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -11,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from scripted_peer import frame, read_frame
 
 from fcvsock import cli
 from fcvsock.protocol import FrameType, StartRequest
 from fcvsock.session import ExitStatus
-
-from scripted_peer import frame, read_frame
 
 
 @pytest.mark.parametrize(
