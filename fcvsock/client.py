@@ -492,9 +492,20 @@ def _check_clock_reply(core: SessionCore, uds_path: PathLike, sent_ns: int) -> i
         error = core.error()
         raise ClockSyncError(f"sync clock via {where}: {error}") from error
     code = core.exit_status.exit_code
-    if code != 0:
+    signal_number = core.exit_status.signal
+    if code != 0 or signal_number is not None:
+        detail = f" and signal {signal_number}" if signal_number is not None else ""
+        hint = ""
+        if code == -1:
+            # The reference agent's reply when clock_settime fails or the
+            # payload is invalid.
+            hint = (
+                "; the agent could not set the clock (it needs root in the "
+                "guest, and a stand-in VM without a virtual clock refuses)"
+            )
         raise ClockSyncError(
-            f"sync clock via {where}: agent replied with code {code}, expected 0",
+            f"sync clock via {where}: agent replied with code {code}{detail}, "
+            f"expected 0{hint}",
             code,
         )
     return sent_ns

@@ -631,8 +631,14 @@ def test_failed_run_closes_socket(api: Api, peers: Peers) -> None:
 class ClockAgent:
     """Reply to the handshake after a pause, then reply to CLOCK_SYNC."""
 
-    def __init__(self, reply_code: int | None = 0, pause: float = 0.05) -> None:
+    def __init__(
+        self,
+        reply_code: int | None = 0,
+        pause: float = 0.05,
+        reply_signal: int | None = None,
+    ) -> None:
         self.reply_code = reply_code
+        self.reply_signal = reply_signal
         self.pause = pause
         self.ok_sent_ns = 0
         self.frames: list[tuple[int, bytes]] = []
@@ -647,7 +653,7 @@ class ClockAgent:
         conn.sendall(OK_REPLY)
         self.frames.append(read_frame(conn))
         if self.reply_code is not None:
-            conn.sendall(exit_frame(self.reply_code))
+            conn.sendall(exit_frame(self.reply_code, self.reply_signal))
         read_frames_until_eof(conn, self.frames)
         self.client_closed.set()
 
@@ -682,6 +688,19 @@ def test_sync_clock_failure_code(api: Api, peers: Peers, code: int) -> None:
         api.sync_clock(peers.path)
     assert caught.value.exit_code == code
     assert f"code {code}" in str(caught.value)
+
+
+def test_sync_clock_failure_explains_minus_one(api: Api, peers: Peers) -> None:
+    peers.start(ClockAgent(reply_code=-1, pause=0))
+    with pytest.raises(ClockSyncError, match="could not set the clock"):
+        api.sync_clock(peers.path)
+
+
+def test_sync_clock_signal_is_failure(api: Api, peers: Peers) -> None:
+    peers.start(ClockAgent(reply_code=0, reply_signal=9, pause=0))
+    with pytest.raises(ClockSyncError) as caught:
+        api.sync_clock(peers.path)
+    assert "signal 9" in str(caught.value)
 
 
 def test_sync_clock_no_reply(api: Api, peers: Peers) -> None:
