@@ -116,6 +116,7 @@ class LocalVM:
         self._thread: threading.Thread | None = None
         self._agent: subprocess.Popen[bytes] | None = None
         self._agent_finalizer: weakref.finalize[Any, Any] | None = None
+        self._files_finalizer: weakref.finalize[Any, Any] | None = None
         self._bind_later: concurrent.futures.Future[None] | None = None
         self._snapshot_ns: int | None = None
 
@@ -132,6 +133,9 @@ class LocalVM:
             raise LocalVMError("local vm: start: already started")
         try:
             self._state_dir = tempfile.mkdtemp(prefix="fcvsock-localvm-")
+            self._files_finalizer = weakref.finalize(
+                self, _remove_files, self._muxer, self._state_dir
+            )
             self._start_loop()
             if self._with_agent:
                 self._start_agent()
@@ -148,10 +152,13 @@ class LocalVM:
         self._run(self._muxer.bind())
 
     def close(self) -> None:
-        """Close every connection, stop the agent and remove the socket file.
+        """Close every connection, stop the agent and remove the VM's files.
 
-        Ends only the agent process this VM started and waits for it.  Safe
-        to call more than once.
+        The files are the socket file and the temporary directory of the
+        agent's sockets and clock.  Ends only the agent process this VM
+        started and waits for it.  Safe to call more than once.  A VM that
+        is never closed is cleaned up the same way when it is garbage
+        collected or the interpreter exits.
         """
         if self._bind_later is not None:
             self._bind_later.cancel()
@@ -160,11 +167,11 @@ class LocalVM:
             if self._loop is not None:
                 self._run(self._muxer.close())
         finally:
-            self._stop_agent()
-            self._stop_loop()
-            if self._state_dir is not None:
-                shutil.rmtree(self._state_dir, ignore_errors=True)
-                self._state_dir = None
+            try:
+                self._stop_agent()
+                self._stop_loop()
+            finally:
+                self._remove_files()
 
     def __enter__(self) -> Self:
         if self._loop is None:
@@ -418,6 +425,12 @@ class LocalVM:
         self._agent_finalizer = weakref.finalize(self, _stop_unclosed_agent, process)
         return process
 
+    def _remove_files(self) -> None:
+        if self._files_finalizer is not None:
+            self._files_finalizer()
+            self._files_finalizer = None
+        self._state_dir = None
+
     def _stop_agent(self) -> None:
         process, self._agent = self._agent, None
         if self._agent_finalizer is not None:
@@ -450,6 +463,13 @@ def _stop_unclosed_agent(process: subprocess.Popen[bytes]) -> None:
         process.pid,
     )
     _stop_process(process)
+
+
+def _remove_files(muxer: Muxer, state_dir: str) -> None:
+    # Also the exit-time cleanup of a LocalVM that was never closed, so it must
+    # not need the loop thread.
+    muxer.remove_socket_file()
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _agent_options(

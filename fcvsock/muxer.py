@@ -532,7 +532,7 @@ class Muxer:
 
     async def close(self) -> None:
         """Stop accepting, close every connection and remove the socket file."""
-        self._remove_socket_file()
+        self.remove_socket_file()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -544,8 +544,11 @@ class Muxer:
             await self.agent.close()
         self._connections.clear()
 
-    def _remove_socket_file(self) -> None:
-        # Unlink only the file this muxer bound, not one created after it.
+    def remove_socket_file(self) -> None:
+        """Remove the socket file, unless another file replaced it since bind.
+
+        Safe to call from any thread, because it does not touch the loop.
+        """
         if self._socket_id is None:
             return
         with contextlib.suppress(FileNotFoundError):

@@ -714,24 +714,38 @@ def test_close_cleans_up(sock_dir: str) -> None:
     assert open_fd_count() == fds_before
 
 
-def test_unclosed_vm_stops_agent_at_exit(sock_dir: str) -> None:
+def run_unclosed_vm(sock_dir: str) -> subprocess.CompletedProcess[bytes]:
+    """Start a VM in a Python process that exits without closing it.
+
+    The process prints the agent's pid, and its temporary files go to
+    ``sock_dir``.
+    """
     script = (
         "import sys\n"
         "from fcvsock.localvm import LocalVM\n"
         "vm = LocalVM(sys.argv[1]).start()\n"
         "print(vm.agent_pid, flush=True)\n"
     )
-    path = os.path.join(sock_dir, "vm.sock")
-    result = subprocess.run(
-        [sys.executable, "-c", script, path],
+    return subprocess.run(
+        [sys.executable, "-c", script, os.path.join(sock_dir, "vm.sock")],
         capture_output=True,
         timeout=TIMEOUT,
         check=True,
+        env=dict(os.environ, TMPDIR=sock_dir),
     )
+
+
+def test_unclosed_vm_stops_agent_at_exit(sock_dir: str) -> None:
+    result = run_unclosed_vm(sock_dir)
     agent_pid = int(result.stdout)
     with pytest.raises(ProcessLookupError):
         os.kill(agent_pid, 0)
     assert b"never closed" in result.stderr
+
+
+def test_unclosed_vm_leaves_no_files(sock_dir: str) -> None:
+    run_unclosed_vm(sock_dir)
+    assert os.listdir(sock_dir) == []
 
 
 def test_close_twice(vm: LocalVM) -> None:
