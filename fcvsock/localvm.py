@@ -5,7 +5,8 @@ thread, so blocking and asyncio code can drive the same VM.  The reference
 agent runs as a child process in its own session.  Its sockets and clock file
 live in a private temporary directory, and guest port 52 leads to it.
 
-Run ``python -m fcvsock.localvm PATH`` to serve one until Ctrl-C or SIGTERM.
+Run ``python -m fcvsock.localvm PATH`` to serve one until Ctrl-C, SIGTERM or
+SIGHUP.
 """
 
 from __future__ import annotations
@@ -576,7 +577,11 @@ def _raise_stop(signal_number: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fcvsock local-vm PATH [options]`` until SIGINT or SIGTERM."""
+    """Run ``fcvsock local-vm PATH [options]`` until SIGINT, SIGTERM or SIGHUP.
+
+    Each of them closes the VM, so the socket file, the temporary directory
+    and the agent are gone when this returns.
+    """
     args = _build_parser().parse_args(argv)
     vm = LocalVM(
         args.path,
@@ -585,9 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
         max_sessions=args.max_sessions,
     )
+    # SIGHUP comes when the controlling terminal closes.
     previous = {
         number: signal.signal(number, _raise_stop)
-        for number in (signal.SIGINT, signal.SIGTERM)
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
     try:
         vm.start()

@@ -754,12 +754,17 @@ def test_close_twice(vm: LocalVM) -> None:
     assert not os.path.exists(vm.uds_path)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "stop_signal",
+    [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+    ids=lambda number: signal.Signals(number).name,
+)
 def test_cli_stops_on_signal(sock_dir: str, stop_signal: signal.Signals) -> None:
     path = os.path.join(sock_dir, "cli.sock")
     process = subprocess.Popen(
         [sys.executable, "-m", "fcvsock.localvm", path, "--max-connections", "4"],
         stdout=subprocess.PIPE,
+        env=dict(os.environ, TMPDIR=sock_dir),
     )
     try:
         assert process.stdout is not None
@@ -777,7 +782,7 @@ def test_cli_stops_on_signal(sock_dir: str, stop_signal: signal.Signals) -> None
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
-    assert not os.path.exists(path)
+    assert os.listdir(sock_dir) == []
     with pytest.raises(ProcessLookupError):
         os.kill(agent_pid, 0)
 
