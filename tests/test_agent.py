@@ -715,6 +715,32 @@ def test_handoff_of_non_socket_closes_fd(agent: AgentProcess) -> None:
             os.close(read_fd)
 
 
+def test_handoff_reset_logged_at_debug() -> None:
+    with tempfile.TemporaryDirectory(prefix="fcvr") as directory:
+        process = AgentProcess(directory)
+        process.start()
+        try:
+            host, guest = socket.socketpair()
+            with (
+                _handoff_channel(process) as channel,
+                AgentConnection(host) as connection,
+            ):
+                _hand_off(channel, [guest.fileno()], _handoff_payload(12))
+                guest.close()
+                connection.send_start(["true"])
+                connection.read_until_exit()
+                # Closing with the {"closed": 12} reply unread resets the
+                # agent's end, as when a stand-in VM stops.
+                assert channel.recv(4096, socket.MSG_PEEK)
+            assert wait_until(lambda: "[Errno 104]" in process.log())
+        finally:
+            process.stop()
+        log_lines = process.log().splitlines()
+        reset_lines = [line for line in log_lines if "[Errno 104]" in line]
+        assert len(reset_lines) == 1
+        assert " DEBUG " in reset_lines[0]
+
+
 def _pipe_has_no_reader(write_fd: int) -> bool:
     try:
         os.write(write_fd, b"x")

@@ -163,6 +163,14 @@ class _HandoffChannel:
                 )
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionResetError as exc:
+                # Linux sets ECONNRESET on the peer of a Unix seqpacket socket
+                # closed with messages unread (unix_release_sock in
+                # net/unix/af_unix.c).  A stopping VMM stand-in does that when
+                # it leaves the last {"closed": N} replies unread.
+                log.debug("handoff: the peer closed the channel: %s", exc)
+                self.close()
+                return
             except OSError as exc:
                 log.warning("handoff: receive failed: %s", exc)
                 self.close()
