@@ -75,7 +75,10 @@ class LocalVM:
     ``agent=False`` no agent runs and port 52 is served only through
     :meth:`listen`.  ``max_sessions``, ``default_cwd`` and ``agent_log_level``
     are passed to the agent; ``agent_command`` replaces the command that
-    starts it (``python -m fcvsock.agent``).
+    starts it (``python -m fcvsock.agent``).  The command also gets the
+    options ``--handoff``, ``--unix``, ``--clock``, ``--ready-fd`` and
+    ``--exit-with-handoff``.  That last one makes the agent stop, killing
+    its commands, when this process dies without :meth:`close`.
 
     Switch faults at run time through :attr:`faults` (a
     :class:`~fcvsock.muxer.Faults`) and the scenario methods.  Every method
@@ -400,6 +403,8 @@ class LocalVM:
             os.close(read_fd)
             if write_fd >= 0:
                 os.close(write_fd)
+        # NOTE: if this process dies before attach_agent() connects the
+        # handoff channel, the agent waits for a channel and keeps running.
         self._run(self._muxer.attach_agent(AgentLink(handoff_path, unix_path)))
 
     def _spawn_agent(
@@ -411,6 +416,9 @@ class LocalVM:
             "--unix", unix_path,
             "--clock", f"virtual:{self._state_path('clock.json')}",
             "--ready-fd", str(ready_fd),
+            # The kernel closes the muxer's handoff channel when this process
+            # dies, even by SIGKILL, and the agent then stops.
+            "--exit-with-handoff",
             *self._agent_options,
         ]  # fmt: skip
         process = subprocess.Popen(

@@ -102,6 +102,16 @@ def child_pids() -> set[int]:
     return pids
 
 
+def process_exited(pid: int) -> bool:
+    """Return whether ``pid`` has exited: a zombie or no process at all."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] == "Z"
+
+
 class GuestService:
     """A guest port's service: a Unix stream listener the test accepts from."""
 

@@ -763,6 +763,65 @@ def test_random_frames_end_only_their_session(path: str) -> None:
     assert run(path, ["echo", "still serving"]).stdout == b"still serving\n"
 
 
+# Exit once the handoff channels close (--exit-with-handoff).
+
+
+@pytest.fixture
+def exiting_agent() -> Iterator[AgentProcess]:
+    with tempfile.TemporaryDirectory(prefix="fcve") as directory:
+        process = AgentProcess(directory, "--exit-with-handoff")
+        process.start()
+        yield process
+        process.stop()
+
+
+def _exit_code(agent: AgentProcess) -> int:
+    assert agent.process is not None
+    return agent.process.wait(10)
+
+
+def test_exit_with_handoff_on_close(exiting_agent: AgentProcess) -> None:
+    _handoff_channel(exiting_agent).close()
+    assert _exit_code(exiting_agent) == 0
+    assert not os.path.exists(exiting_agent.unix_path)
+    assert not os.path.exists(exiting_agent.handoff_path)
+
+
+def test_exit_with_handoff_kills_commands(exiting_agent: AgentProcess) -> None:
+    host, guest = socket.socketpair()
+    with AgentConnection(host) as connection:
+        with _handoff_channel(exiting_agent) as channel:
+            _hand_off(channel, [guest.fileno()], _handoff_payload(13))
+            guest.close()
+            pid = start_and_read_pid(connection, "exec sleep 60")
+        assert _exit_code(exiting_agent) == 0
+        assert connection.read_frame() is None
+    assert wait_until(lambda: not process_exists(pid))
+
+
+def test_exit_with_handoff_waits_for_first(exiting_agent: AgentProcess) -> None:
+    result = run(exiting_agent.unix_path, ["echo", "before any channel"])
+    assert result.stdout == b"before any channel\n"
+    assert exiting_agent.process is not None
+    assert exiting_agent.process.poll() is None
+
+
+def test_exit_with_handoff_waits_for_all(exiting_agent: AgentProcess) -> None:
+    with _handoff_channel(exiting_agent):
+        _handoff_channel(exiting_agent).close()
+        assert wait_until(lambda: "1 still open" in exiting_agent.log())
+        result = run(exiting_agent.unix_path, ["echo", "one channel left"])
+        assert result.stdout == b"one channel left\n"
+    assert _exit_code(exiting_agent) == 0
+
+
+def test_exit_with_handoff_needs_handoff(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--unix", "/nonexistent/agent.sock", "--exit-with-handoff"])
+    assert raised.value.code == 2
+    assert "--exit-with-handoff requires --handoff" in capsys.readouterr().err
+
+
 # Whole-agent properties, which run last in this file.
 
 

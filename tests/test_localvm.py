@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from localvm_peers import (
     end_of_stream,
     handshake,
     open_fd_count,
+    process_exited,
     read_line,
     read_session,
     read_to_eof,
@@ -746,6 +748,37 @@ def test_unclosed_vm_stops_agent_at_exit(sock_dir: str) -> None:
 def test_unclosed_vm_leaves_no_files(sock_dir: str) -> None:
     run_unclosed_vm(sock_dir)
     assert os.listdir(sock_dir) == []
+
+
+def test_agent_exits_when_vm_process_killed(sock_dir: str) -> None:
+    script = (
+        "import signal, sys\n"
+        "from fcvsock.localvm import LocalVM\n"
+        "vm = LocalVM(sys.argv[1]).start()\n"
+        "print(vm.agent_pid, flush=True)\n"
+        "signal.pause()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, os.path.join(sock_dir, "vm.sock")],
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, TMPDIR=sock_dir),
+    )
+    try:
+        assert process.stdout is not None
+        agent_pid = int(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    try:
+        wait_for(lambda: process_exited(agent_pid))
+    finally:
+        # An agent that outlived the test's process must not outlive the test.
+        if not process_exited(agent_pid):
+            os.kill(agent_pid, signal.SIGKILL)
+    (state_dir,) = glob.glob(os.path.join(sock_dir, "fcvsock-localvm-*"))
+    assert glob.glob(os.path.join(state_dir, "*.sock")) == []
 
 
 def test_close_twice(vm: LocalVM) -> None:

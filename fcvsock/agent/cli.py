@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -99,6 +100,13 @@ def _add_process_options(parser: argparse.ArgumentParser) -> None:
         "(always on as PID 1)",
     )
     parser.add_argument(
+        "--exit-with-handoff",
+        action="store_true",
+        help="stop when the last open connection to the --handoff socket "
+        "closes, so never before the first one; a VMM stand-in passes this so "
+        "that the agent does not outlive it",
+    )
+    parser.add_argument(
         "--ready-fd",
         type=_non_negative_int,
         metavar="FD",
@@ -160,12 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--handoff PATH`` (at least one), ``--max-sessions N``,
     ``--default-cwd DIR``, ``--clock system|virtual:FILE|none``,
     ``--first-frame-timeout SECONDS``, ``--exit-grace SECONDS``,
-    ``--subreaper``, ``--ready-fd FD`` and ``--log-level LEVEL``.
+    ``--subreaper``, ``--exit-with-handoff``, ``--ready-fd FD`` and
+    ``--log-level LEVEL``.  With ``--exit-with-handoff`` the agent stops
+    as on SIGTERM once every handoff connection has closed.  Stopping kills
+    the running commands and removes the listeners' socket files.
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.vsock_port is None and args.unix is None and args.handoff is None:
         parser.error("give at least one of --vsock-port, --unix, --handoff")
+    if args.exit_with_handoff and args.handoff is None:
+        parser.error("--exit-with-handoff requires --handoff PATH")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -196,7 +209,7 @@ async def _serve(args: argparse.Namespace, reap_orphans: bool) -> int:
         loop.add_signal_handler(signal_number, stop.set)
     await agent.start()
     try:
-        await _open_listeners(agent, args)
+        await _open_listeners(agent, args, stop)
         _signal_ready(args.ready_fd)
     except OSError as exc:
         log.error("agent: cannot start serving: %s", exc)
@@ -208,14 +221,26 @@ async def _serve(args: argparse.Namespace, reap_orphans: bool) -> int:
     return 0
 
 
-async def _open_listeners(agent: Agent, args: argparse.Namespace) -> None:
+async def _open_listeners(
+    agent: Agent, args: argparse.Namespace, stop: asyncio.Event
+) -> None:
     if args.unix is not None:
         await agent.listen_unix(args.unix)
     if args.handoff is not None:
-        await agent.listen_handoff(args.handoff)
+        on_idle = (
+            functools.partial(_stop_after_handoff, stop)
+            if args.exit_with_handoff
+            else None
+        )
+        await agent.listen_handoff(args.handoff, on_idle=on_idle)
     if args.vsock_port is not None:
         await agent.listen_vsock(args.vsock_port)
     log.info("agent: listening")
+
+
+def _stop_after_handoff(stop: asyncio.Event) -> None:
+    log.info("agent: every handoff connection has closed; stopping")
+    stop.set()
 
 
 def _signal_ready(ready_fd: int | None) -> None:

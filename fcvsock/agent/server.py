@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from types import TracebackType
@@ -13,6 +14,8 @@ from .link import _HangupWatcher
 from .listeners import _LISTEN_BACKLOG, _HandoffChannel, _listen_unix, _Listener
 from .reaper import _Reaper
 from .session import _Session
+
+log = logging.getLogger("fcvsock.agent")
 
 DEFAULT_MAX_SESSIONS = 256
 DEFAULT_FIRST_FRAME_TIMEOUT = 30.0
@@ -66,6 +69,8 @@ class Agent:
         self._hangup_watcher: _HangupWatcher | None = None
         self._listeners: list[_Listener] = []
         self._handoff_channels: set[_HandoffChannel] = set()
+        self._on_handoff_idle: list[Callable[[], None]] = []
+        self._closing = False
         self._sessions: set[_Session] = set()
         self._slots_in_use = 0
         self._next_session_id = 1
@@ -87,6 +92,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         reaper = _Reaper(loop, self.reap_orphans)
         reaper.install()
+        self._closing = False
         self._loop = loop
         self._reaper_instance = reaper
         self._hangup_watcher = _HangupWatcher(loop)
@@ -111,7 +117,9 @@ class Agent:
             raise
         self._add_listener(sock, self.serve_connection)
 
-    async def listen_handoff(self, path: str) -> None:
+    async def listen_handoff(
+        self, path: str, *, on_idle: Callable[[], None] | None = None
+    ) -> None:
         """Accept handed-off host sockets over seqpacket connections at ``path``.
 
         Each message on such a connection carries exactly one fd in
@@ -120,8 +128,14 @@ class Agent:
         the socket like an accepted connection and, when it closes it,
         replies ``{"closed": N}`` on the same seqpacket connection.  Invalid
         messages are logged and dropped, with every fd they carried closed.
+
+        ``on_idle`` is called each time the last open handoff connection
+        closes, so never before the first one was accepted, and not while
+        :meth:`close` runs.
         """
         sock = _listen_unix(path, socket.SOCK_SEQPACKET)
+        if on_idle is not None:
+            self._on_handoff_idle.append(on_idle)
         self._add_listener(sock, self._open_handoff_channel, path)
 
     def serve_connection(
@@ -141,11 +155,13 @@ class Agent:
         """Stop listening, kill running commands and close every connection."""
         if self._loop is None:
             return
+        self._closing = True
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
         for channel in list(self._handoff_channels):
             channel.close()
+        self._on_handoff_idle.clear()
         for session in list(self._sessions):
             session.abort()
         await self._wait_for_children(_CHILD_WAIT_ON_CLOSE)
@@ -190,9 +206,17 @@ class Agent:
     def _open_handoff_channel(self, sock: socket.socket) -> None:
         channel = _HandoffChannel(self, self._require_loop(), sock)
         self._handoff_channels.add(channel)
+        log.debug("handoff: channel opened; %d open", len(self._handoff_channels))
 
     def _handoff_closed(self, channel: _HandoffChannel) -> None:
-        self._handoff_channels.discard(channel)
+        if channel not in self._handoff_channels:
+            return
+        self._handoff_channels.remove(channel)
+        still_open = len(self._handoff_channels)
+        log.debug("handoff: channel closed; %d still open", still_open)
+        if still_open == 0 and not self._closing:
+            for on_idle in self._on_handoff_idle:
+                on_idle()
 
     def _acquire_slot(self, session: _Session) -> bool:
         if self._slots_in_use >= self.max_sessions:
