@@ -14,11 +14,14 @@ waits for more bytes until a line feed or 32 bytes.  Both follow the VMMs'
 ``muxer.rs`` (Firecracker ``src/vmm/src/devices/virtio/vsock/unix/``, commit
 81b38b9d; Cloud Hypervisor ``virtio-devices/src/vsock/unix/``, commit ae44c297).
 
-Data paths.  ``handoff`` writes the reply and passes the host socket to the
-agent with ``SCM_RIGHTS``, so Python copies no data bytes afterwards.
-``relay`` connects to a guest-side Unix stream listener and copies both ways
-through one 64 KiB buffer per direction, the size of Firecracker's
-per-connection buffer.  A side that stops reading therefore blocks the other.
+Data paths.  ``handoff`` passes the host socket to the agent with
+``SCM_RIGHTS``, and the agent writes the reply itself before its first frame,
+so Python copies no data bytes.  A host whose socket the agent never takes
+gets EOF without a reply, as from a VMM whose guest did not answer.
+``relay`` connects to a guest-side Unix stream listener, writes the reply and
+copies both ways through one 64 KiB buffer per direction, the size of
+Firecracker's per-connection buffer.  A side that stops reading therefore
+blocks the other.
 """
 
 from __future__ import annotations
@@ -182,6 +185,10 @@ class Faults:
     bytes reached the host.  With ``abort_with_unread`` it first waits for
     the host to write and leaves those bytes unread, so the host's next read
     fails with ``ECONNRESET``.
+
+    Every reply shape but ``WHOLE``, and ``abort_after_bytes``, make port 52
+    relayed instead of handed off to the agent, because the muxer must then
+    write the reply or count the data bytes itself.
     """
 
     reply: Reply = Reply.WHOLE
@@ -200,11 +207,8 @@ class Faults:
             setattr(self, name, value)
 
     def needs_relay(self) -> bool:
-        """True when the muxer must see the data bytes of a connection."""
-        return (
-            self.reply in (Reply.WITH_DATA, Reply.WITH_DATA_EOF)
-            or self.abort_after_bytes is not None
-        )
+        """True when the muxer must write the reply or see the data bytes."""
+        return self.reply is not Reply.WHOLE or self.abort_after_bytes is not None
 
 
 class _End(enum.Enum):
@@ -318,10 +322,12 @@ class AgentLink:
 
     ``handoff_path`` is an ``AF_UNIX`` ``SOCK_SEQPACKET`` listener.  Each
     message sent to it carries one host socket as ``SCM_RIGHTS`` and the JSON
-    object ``{"host_port": N, "guest_port": P}``.  The agent replies
-    ``{"closed": N}`` on the same channel when it closes that socket.
-    ``unix_path`` is a stream listener where each connection is one session
-    already past the handshake.
+    object ``{"host_port": N, "guest_port": P, "reply": "OK N\\n"}``.  The
+    host socket has had its ``CONNECT`` line read and nothing written.  The
+    agent writes ``reply`` to it as the first bytes, before any frame, and
+    replies ``{"closed": N}`` on the same channel when it closes that
+    socket.  ``unix_path`` is a stream listener where each connection is one
+    session already past the handshake.
     """
 
     def __init__(self, handoff_path: str, unix_path: str) -> None:
@@ -350,13 +356,19 @@ class AgentLink:
         self._reader = asyncio.create_task(self._read_replies(on_closed, on_lost))
 
     async def hand_off(
-        self, host_sock: socket.socket, host_port: int, guest_port: int
+        self, host_sock: socket.socket, host_port: int, guest_port: int, reply: str
     ) -> None:
-        """Pass ``host_sock`` to the agent; the caller still closes its copy."""
+        """Pass ``host_sock`` to the agent, which writes ``reply`` to it first.
+
+        The caller still closes its copy.  Raises ``OSError`` if the message
+        could not be sent.
+        """
         channel = self._channel
         if channel is None:
             raise ConnectionError("hand off: the agent's handoff channel is closed")
-        payload = json.dumps({"host_port": host_port, "guest_port": guest_port})
+        payload = json.dumps(
+            {"host_port": host_port, "guest_port": guest_port, "reply": reply}
+        )
         while True:
             try:
                 socket.send_fds(channel, [payload.encode()], [host_sock.fileno()])
@@ -663,7 +675,7 @@ class Muxer:
             elif not self._is_listening(guest_port):
                 logger.debug("muxer: nothing listens on guest port %d", guest_port)
             elif self._use_handoff(guest_port, faults):
-                handed_off = await self._hand_off(host, conn, faults)
+                handed_off = await self._hand_off(host, conn)
             else:
                 await self._relay(host, conn, self._guest_path(guest_port), faults)
         finally:
@@ -742,22 +754,22 @@ class Muxer:
         while _unread_by_peer(host) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
 
-    async def _hand_off(
-        self, host: socket.socket, conn: _Connection, faults: Faults
-    ) -> bool:
+    async def _hand_off(self, host: socket.socket, conn: _Connection) -> bool:
         assert self.agent is not None
+        reply = f"OK {conn.host_port}\n"
         try:
-            await self._write_reply(host, conn, faults)
-            conn.handed_off = True
-            await self.agent.hand_off(host, conn.host_port, conn.guest_port)
+            await self.agent.hand_off(host, conn.host_port, conn.guest_port, reply)
         except OSError as exc:
-            conn.handed_off = False
             logger.warning(
-                "muxer: hand off host port %d to the agent failed: %s",
+                "muxer: hand off host port %d to the agent failed: %s; closing "
+                "the host connection without a reply",
                 conn.host_port,
                 exc,
             )
             return False
+        # hand_off() does not suspend after its send succeeds, so the agent's
+        # {"closed": N} for this connection cannot have been handled yet.
+        conn.handed_off = True
         return True
 
     def _agent_closed(self, host_port: int) -> None:

@@ -38,7 +38,7 @@ from agent_client import (
     wait_until,
 )
 
-from fcvsock._core import encode_frame
+from fcvsock._core import FrameDecoder, encode_frame
 from fcvsock.agent import Agent, _clock_setter, main, resolve_user
 from fcvsock.clock import SystemClock, VirtualClock
 from fcvsock.protocol import (
@@ -665,6 +665,26 @@ def test_handoff_serves_session(agent: AgentProcess) -> None:
         assert json.loads(channel.recv(4096)) == {"closed": 1073741824}
 
 
+def test_handoff_reply_written_first(agent: AgentProcess) -> None:
+    host, guest = socket.socketpair()
+    host.settimeout(10)
+    payload = {"host_port": 14, "guest_port": 52, "reply": "OK 14\n"}
+    with _handoff_channel(agent) as channel, host:
+        host.sendall(encode_frame(FrameType.START, start_payload(["echo", "late"])))
+        _hand_off(channel, [guest.fileno()], json.dumps(payload).encode())
+        guest.close()
+        received = b""
+        while chunk := host.recv(65536):
+            received += chunk
+        assert json.loads(channel.recv(4096)) == {"closed": 14}
+    decoder = FrameDecoder()
+    frames = decoder.feed(received[len(b"OK 14\n") :])
+    assert received[: len(b"OK 14\n")] == b"OK 14\n"
+    assert (FrameType.STDOUT, b"late\n") in frames
+    assert frames[-1][0] == FrameType.EXIT
+    assert decoder.buffered == 0
+
+
 def test_handoff_without_fd_dropped(agent: AgentProcess) -> None:
     host, guest = socket.socketpair()
     with _handoff_channel(agent) as channel, AgentConnection(host) as connection:
@@ -689,8 +709,22 @@ def test_handoff_with_two_fds_closes_both(agent: AgentProcess) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"{not json", b"[]", json.dumps({"host_port": "1"}).encode(), b"\xff"],
-    ids=["bad-json", "not-object", "port-string", "not-utf8"],
+    [
+        b"{not json",
+        b"[]",
+        json.dumps({"host_port": "1"}).encode(),
+        b"\xff",
+        json.dumps({"host_port": 1, "reply": 5}).encode(),
+        json.dumps({"host_port": 1, "reply": "\ud800"}).encode(),
+    ],
+    ids=[
+        "bad-json",
+        "not-object",
+        "port-string",
+        "not-utf8",
+        "reply-not-string",
+        "reply-lone-surrogate",
+    ],
 )
 def test_handoff_bad_payload_closes_fd(agent: AgentProcess, payload: bytes) -> None:
     host, guest = socket.socketpair()

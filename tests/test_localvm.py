@@ -30,8 +30,11 @@ from localvm_peers import (
     wait_for,
     wait_queued,
 )
+from scripted_peer import watch_retries
 
-from fcvsock._core import encode_frame
+import fcvsock
+from fcvsock._core import FrameDecoder, encode_frame
+from fcvsock.errors import HandshakeTimeoutError
 from fcvsock.localvm import GARBAGE_REPLIES, LocalVM, LocalVMError, Reply, main
 from fcvsock.muxer import (
     FIRST_HOST_PORT,
@@ -42,6 +45,7 @@ from fcvsock.muxer import (
 )
 from fcvsock.protocol import FrameType, decode_exit, encode_clock_sync
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 GUEST_PORT = 1000
 FIRST_REPLY = b"OK %d\n" % FIRST_HOST_PORT
 
@@ -649,6 +653,30 @@ def test_agent_takes_pipelined_start(agent: LocalVM) -> None:
     assert (FrameType.STDOUT, b"piped\n") in frames
 
 
+def test_agent_reply_once_and_first(agent: LocalVM) -> None:
+    with connect_host(agent.uds_path) as host:
+        host.sendall(b"CONNECT 52\n" + start_frames(["echo", "after the reply"]))
+        received = read_to_eof(host)
+    reply = b"OK %d\n" % agent.host_ports_assigned[-1]
+    decoder = FrameDecoder()
+    frames = decoder.feed(received[len(reply) :])
+    assert received[: len(reply)] == reply
+    assert (FrameType.STDOUT, b"after the reply\n") in frames
+    assert frames[-1][0] == FrameType.EXIT
+    assert decoder.buffered == 0
+
+
+def test_agent_reply_split(agent: LocalVM) -> None:
+    agent.faults.reply = Reply.SPLIT
+    agent.faults.split_at = (2, 5)
+    agent.faults.split_wait = TIMEOUT
+    with connect_host(agent.uds_path) as host:
+        host.sendall(b"CONNECT 52\n")
+        pieces = [host.recv(64) for _ in range(3)]
+    reply = b"OK %d\n" % agent.host_ports_assigned[-1]
+    assert pieces == [reply[:2], reply[2:5], reply[5:]]
+
+
 def test_agent_relay_path(agent: LocalVM) -> None:
     agent.agent_data_path = "relay"
     host, reply = handshake(agent.uds_path, b"CONNECT 52\n")
@@ -688,6 +716,27 @@ def test_agent_handoff_counted(agent: LocalVM) -> None:
     wait_for(lambda: agent.connections == 1)
     host.close()
     wait_for(lambda: agent.connections == 0)
+
+
+@pytest.fixture
+def dying_agent_vm(sock_dir: str) -> Iterator[LocalVM]:
+    command = [sys.executable, os.path.join(TESTS_DIR, "localvm_dying_agent.py")]
+    with LocalVM(os.path.join(sock_dir, "vm.sock"), agent_command=command) as machine:
+        yield machine
+
+
+def test_agent_dying_at_handoff_no_reply(dying_agent_vm: LocalVM) -> None:
+    # Firecracker writes OK only once the guest answered the connection
+    # request (VSOCK_OP_RESPONSE in vsock/csm/connection.rs).
+    host, reply = handshake(dying_agent_vm.uds_path, b"CONNECT 52\n")
+    with host:
+        assert reply == b""
+
+
+def test_agent_dying_at_handoff_retried(dying_agent_vm: LocalVM) -> None:
+    with watch_retries() as watcher, pytest.raises(HandshakeTimeoutError):
+        fcvsock.run(dying_agent_vm.uds_path, ["true"], connect_timeout=0.3)
+    assert watcher.retried.is_set()
 
 
 def test_boot_delay_refuses_agent(sock_dir: str) -> None:

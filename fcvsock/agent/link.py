@@ -109,6 +109,13 @@ class _HostLink:
         self._writer.write(frame_type, payload)
         self._flush()
 
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes that are not a frame after those already queued."""
+        if self._closed or self._failed:
+            return
+        self._writer.write_raw(data)
+        self._flush()
+
     def close(self) -> None:
         if self._closed:
             return

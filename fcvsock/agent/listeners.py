@@ -123,8 +123,9 @@ class _HandoffChannel:
     """A seqpacket connection over which a VMM stand-in hands over host sockets.
 
     Each message carries one fd in SCM_RIGHTS and ``{"host_port": N, ...}``
-    as UTF-8 JSON.  When the agent closes that host socket it replies with
-    ``{"closed": N}`` on this connection.
+    as UTF-8 JSON, and the agent writes the optional ``"reply"`` text to
+    the socket before any frame.  When the agent closes that host socket it
+    replies with ``{"closed": N}`` on this connection.
     """
 
     def __init__(
@@ -184,7 +185,12 @@ class _HandoffChannel:
     def _take_connection(self, message: bytes, fds: list[int], flags: int) -> None:
         host_port: int | None = None
         try:
-            host_port = _parse_handoff_payload(message, flags)
+            document = _parse_handoff_payload(message, flags)
+            host_port = _integer_field(document, "host_port")
+            if host_port is None:
+                raise ValueError("host_port is missing")
+            _integer_field(document, "guest_port")
+            reply = _reply_field(document)
             _check_handoff_fds(fds, flags)
             sock = _stream_socket(fds[0])
         except (ValueError, OSError) as exc:
@@ -198,7 +204,7 @@ class _HandoffChannel:
                 self._reply_closed(host_port)
             return
         on_close = functools.partial(self._reply_closed, host_port)
-        self._agent.serve_connection(sock, on_close=on_close)
+        self._agent.serve_connection(sock, on_close=on_close, reply=reply)
 
     def _reply_closed(self, host_port: int) -> None:
         if self.closed:
@@ -246,8 +252,8 @@ def _check_handoff_fds(fds: list[int], flags: int) -> None:
         raise ValueError(f"expected 1 fd, got {len(fds)}")
 
 
-def _parse_handoff_payload(message: bytes, flags: int) -> int:
-    """Return the host port of a handoff message; raise ``ValueError`` if invalid."""
+def _parse_handoff_payload(message: bytes, flags: int) -> dict[str, object]:
+    """Return the JSON object of a handoff message; raise ``ValueError`` if invalid."""
     if flags & socket.MSG_TRUNC:
         raise ValueError(f"payload is longer than {_HANDOFF_MAX_MESSAGE} bytes")
     try:
@@ -256,17 +262,28 @@ def _parse_handoff_payload(message: bytes, flags: int) -> int:
         raise ValueError(f"payload is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, got {document!r}")  # noqa: TRY004
-    host_port = document.get("host_port")
-    if isinstance(host_port, bool) or not isinstance(host_port, int):
-        raise ValueError(  # noqa: TRY004
-            f"host_port must be an integer, got {host_port!r}"
-        )
-    guest_port = document.get("guest_port")
-    if guest_port is not None and (
-        isinstance(guest_port, bool) or not isinstance(guest_port, int)
-    ):
-        raise ValueError(f"guest_port must be an integer, got {guest_port!r}")
-    return host_port
+    return document
+
+
+def _integer_field(document: dict[str, object], name: str) -> int | None:
+    """Return field ``name``, or ``None`` if absent; it must be an integer."""
+    value = document.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004
+    return value
+
+
+def _reply_field(document: dict[str, object]) -> bytes:
+    """Return the ``"reply"`` string encoded as UTF-8, or ``b""`` if absent."""
+    reply = document.get("reply", "")
+    if not isinstance(reply, str):
+        raise ValueError(f"reply must be a string, got {reply!r}")  # noqa: TRY004
+    try:
+        return reply.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"reply is not valid UTF-8 text: {exc}") from None
 
 
 def _stream_socket(fd: int) -> socket.socket:

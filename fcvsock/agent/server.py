@@ -123,11 +123,15 @@ class Agent:
         """Accept handed-off host sockets over seqpacket connections at ``path``.
 
         Each message on such a connection carries exactly one fd in
-        SCM_RIGHTS, a stream socket already past the VMM handshake, and the
-        UTF-8 JSON ``{"host_port": N, "guest_port": P}``.  The agent serves
-        the socket like an accepted connection and, when it closes it,
-        replies ``{"closed": N}`` on the same seqpacket connection.  Invalid
-        messages are logged and dropped, with every fd they carried closed.
+        SCM_RIGHTS, a stream socket past the VMM's ``CONNECT`` line, and the
+        UTF-8 JSON ``{"host_port": N, "guest_port": P, "reply": "OK N\\n"}``.
+        ``guest_port`` and ``reply`` are optional.  The agent writes
+        ``reply`` to the socket as its first bytes, before any frame, so the
+        VMM can leave the handshake reply to the agent: a host then gets no
+        reply when the agent never takes the socket.  The agent serves the
+        socket like an accepted connection and, when it closes it, replies
+        ``{"closed": N}`` on the same seqpacket connection.  Invalid messages
+        are logged and dropped, with every fd they carried closed.
 
         ``on_idle`` is called each time the last open handoff connection
         closes, so never before the first one was accepted, and not while
@@ -139,14 +143,22 @@ class Agent:
         self._add_listener(sock, self._open_handoff_channel, path)
 
     def serve_connection(
-        self, sock: socket.socket, on_close: Callable[[], None] | None = None
+        self,
+        sock: socket.socket,
+        on_close: Callable[[], None] | None = None,
+        *,
+        reply: bytes = b"",
     ) -> None:
         """Serve one host connection; the agent owns ``sock`` from now on.
 
         ``on_close`` is called once the agent has closed the socket.
+        ``reply`` is written to the socket before any frame: the VMM's
+        handshake reply, when the VMM hands the socket over before replying.
         """
         loop = self._require_loop()
-        session = _Session(self, loop, sock, self._next_session_id, on_close)
+        session = _Session(
+            self, loop, sock, self._next_session_id, on_close, reply=reply
+        )
         self._next_session_id += 1
         self._sessions.add(session)
         session.start()

@@ -68,11 +68,14 @@ class _Session:
         sock: socket.socket,
         session_id: int,
         on_close: Callable[[], None] | None,
+        *,
+        reply: bytes = b"",
     ) -> None:
         self._agent = agent
         self._loop = loop
         self._id = session_id
         self._on_close = on_close
+        self._reply = reply
         self._link = _HostLink(loop, sock, agent._hangups(), self)
         self._state = _State.WAITING
         self.holds_slot = False
@@ -88,6 +91,8 @@ class _Session:
         self._grace_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
+        if self._reply:
+            self._link.send_raw(self._reply)
         self._first_frame_timer = self._loop.call_later(
             self._agent.first_frame_timeout, self._on_first_frame_timeout
         )
