@@ -9,12 +9,21 @@ without an event loop.  A VM that cannot be reached, times out or breaks the
 protocol gets a result with an ``error`` kind; it never stops the others.
 
 Memory stays bounded however much the guests print.  Each session reads
-about :data:`SESSION_BUFFER` bytes ahead (:mod:`fcvsock.session` states how
-far one read may overshoot it), at most :data:`MAX_QUEUED` bytes of output
-wait for the consumer, and each result keeps the first ``max_output`` bytes
-of each stream.  A consumer that stops
-reading makes the sessions stop reading too, so the guests block on their
-full vsock buffers.
+about :data:`SESSION_BUFFER` bytes ahead, at most :data:`MAX_QUEUED` bytes
+of output wait for the consumer, and each result keeps the first
+``max_output`` bytes of each stream.  A consumer that stops reading makes the
+sessions stop reading too, so the guests block on their full vsock buffers.
+One read may overshoot the read-ahead by up to two frames, so the estimated
+peak is ``parallel * (SESSION_BUFFER + 2 * frame size) + MAX_QUEUED`` plus
+the kept output.  The fcvsock agent sends output frames of at most
+:data:`fcvsock.protocol.MAX_OUTPUT_CHUNK` (64 KiB), which makes about 25 MiB
+at the default ``parallel`` of 64.  A guest may announce frames of up to
+:data:`fcvsock.protocol.MAX_PAYLOAD` (16 MiB), so hostile guests can push the
+same fan-out past 1 GiB and up to about 2 GiB.  Lower ``parallel`` where
+guests are untrusted.
+
+VM names come from socket paths, which may contain newlines and terminal
+escape sequences.  Pass a name through :func:`escape_name` before printing it.
 
 Example::
 
@@ -22,16 +31,16 @@ Example::
 
     results = fanout.run_blocking(["/srv/vms/*/v.sock"], ["uname", "-r"], timeout=30)
     for result in results:
-        print(result.name, result.describe(), result.stdout.decode().strip())
+        print(fanout.escape_name(result.name), result.describe())
 
 With asyncio, iterate over the events as they arrive::
 
     async with contextlib.aclosing(fanout.stream(paths, ["uptime"])) as events:
         async for event in events:
             if isinstance(event, fanout.VMOutput):
-                print(event.target.name, event.stream, event.data)
+                print(fanout.escape_name(event.target.name), event.data)
             else:
-                print(event.name, event.describe())
+                print(fanout.escape_name(event.name), event.describe())
 
 Leaving the ``async with`` block early, or cancelling the task, cancels every
 session and closes every socket; the agents then kill the commands.
@@ -48,6 +57,7 @@ import logging
 import os
 import re
 import signal
+import string
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -82,6 +92,7 @@ __all__ = [
     "Target",
     "VMOutput",
     "VMResult",
+    "escape_name",
     "expand_targets",
     "main",
     "run",
@@ -135,8 +146,8 @@ class Target:
         if self.cmd is not None:
             if isinstance(self.cmd, (str, bytes)):
                 raise TypeError(
-                    f"target {self.name}: cmd must be a sequence of arguments, "
-                    f"got {self.cmd!r}"
+                    f"target {self.name!r}: cmd must be a sequence of arguments, "
+                    f"got {self.cmd!r}; use ['sh', '-c', ...] for a shell line"
                 )
             object.__setattr__(self, "cmd", tuple(self.cmd))
 
@@ -257,6 +268,100 @@ def _signal_name(number: int) -> str:
 # -- targets ------------------------------------------------------------------
 
 
+def escape_name(name: str) -> str:
+    """Return ``name`` fit to print on one terminal line.
+
+    Backslashes are doubled, and newline, carriage return and tab become
+    ``\\n``, ``\\r`` and ``\\t``.  Every other non-printable character
+    (control characters, escape sequences, bidirectional overrides) becomes
+    ``\\xNN`` for each byte of its UTF-8 encoding, and so does a byte of
+    the socket path that is not UTF-8.  So two names made of different path
+    bytes never print the same.
+    """
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(_escape_character(character) for character in name)
+
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_character(character: str) -> str:
+    escaped = _SHORT_ESCAPES.get(character)
+    if escaped is not None:
+        return escaped
+    if character.isprintable():
+        return character
+    try:
+        # os.fsdecode maps each byte that is not UTF-8 to one lone surrogate,
+        # and this turns it back into that byte.
+        encoded = character.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        encoded = character.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{byte:02x}" for byte in encoded)
+
+
+_NAME_FIELDS = {
+    "path": "/srv/vms/web-1/v.sock", "parent": "web-1", "file": "v.sock", "stem": "v",
+}
+
+
+def _name_template(name_from: str) -> str:
+    """Return the format string for ``name_from``.
+
+    Raise ``ValueError`` with the reason, without naming the parameter, so
+    the Python API and the command line can each name their own.
+    """
+    template = _NAME_STYLES.get(name_from, name_from)
+    if "{" not in template:
+        raise ValueError(
+            "expected parent, stem, path or a format with the fields {path}, "
+            "{parent}, {file} and {stem}"
+        )
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        reason = _lower_first(exc)
+        raise ValueError(
+            f"{reason}; write '{{{{' or '}}}}' for a literal brace"
+        ) from None
+    for _, field, _, _ in parsed:
+        if field is not None and field not in _NAME_FIELDS:
+            raise ValueError(
+                f"unknown field {{{field}}}; use {{path}}, {{parent}}, {{file}} "
+                "or {stem}"
+            )
+    try:
+        template.format(**_NAME_FIELDS)
+    except ValueError as exc:
+        raise ValueError(_lower_first(exc)) from None
+    return template
+
+
+def _lower_first(error: Exception) -> str:
+    text = str(error)
+    return text[:1].lower() + text[1:]
+
+
+def _format_name(path: str, template: str) -> str:
+    file = os.path.basename(path)
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(file)[0]
+    return template.format(path=path, parent=parent, file=file, stem=stem)
+
+
+def _name_function(name_from: NameFrom, operation: str) -> Callable[[str], str]:
+    if callable(name_from):
+        return name_from
+    try:
+        template = _name_template(name_from)
+    except ValueError as exc:
+        raise ValueError(
+            f"{operation}: invalid name_from {name_from!r}: {exc}"
+        ) from None
+    return lambda path: _format_name(path, template)
+
+
 def vm_name(uds_path: PathLike, name_from: NameFrom = "parent") -> str:
     """Return the name of the VM whose socket is at ``uds_path``.
 
@@ -271,26 +376,11 @@ def vm_name(uds_path: PathLike, name_from: NameFrom = "parent") -> str:
       and ``{stem}``, such as ``"{parent}-{stem}"``;
     - a callable that takes the path and returns the name.
 
-    An empty name falls back to the path.
+    An empty name falls back to the path.  The name is returned as it is,
+    so use :func:`escape_name` to print it.
     """
     path = os.fspath(uds_path)
-    if callable(name_from):
-        name = name_from(path)
-    else:
-        template = _NAME_STYLES.get(name_from, name_from)
-        if "{" not in template:
-            raise ValueError(
-                f"vm name: name_from must be parent, stem, path or a format with "
-                f"{{path}}, {{parent}}, {{file}}, {{stem}}; got {name_from!r}"
-            )
-        file = os.path.basename(path)
-        parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        stem = os.path.splitext(file)[0]
-        try:
-            name = template.format(path=path, parent=parent, file=file, stem=stem)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"vm name: invalid format {name_from!r}: {exc}") from None
-    return name or path
+    return _name_function(name_from, "vm name")(path) or path
 
 
 def expand_targets(
@@ -306,6 +396,15 @@ def expand_targets(
     used once.  Names come from :func:`vm_name`; two targets with the same
     name raise ``ValueError``.
     """
+    targets = _collect_targets(specs, name_from)
+    _check_unique_names(targets, "name_from")
+    return targets
+
+
+def _collect_targets(
+    specs: PathLike | Target | Iterable[PathLike | Target], name_from: NameFrom
+) -> list[Target]:
+    name_of = _name_function(name_from, "expand targets")
     if isinstance(specs, (str, os.PathLike, Target)):
         specs = [specs]
     targets: list[Target] = []
@@ -317,8 +416,7 @@ def expand_targets(
         for path in _expand_path(os.fspath(spec)):
             if path not in seen_paths:
                 seen_paths.add(path)
-                targets.append(Target(vm_name(path, name_from), path))
-    _check_unique_names(targets)
+                targets.append(Target(name_of(path) or path, path))
     return targets
 
 
@@ -329,7 +427,10 @@ def _expand_path(spec: str) -> list[str]:
     if not paths:
         if os.path.exists(spec):
             return [spec]
-        raise ValueError(f"expand targets: glob {spec!r} matched no path")
+        raise ValueError(
+            f"expand targets: glob {spec!r} matched no path; check the pattern "
+            "and that the VMs are running"
+        )
     return sorted(paths, key=_natural_key)
 
 
@@ -340,14 +441,16 @@ def _natural_key(text: str) -> list[tuple[int, int | str]]:
     ]
 
 
-def _check_unique_names(targets: Sequence[Target]) -> None:
+def _check_unique_names(targets: Sequence[Target], option: str) -> None:
+    """Raise ``ValueError`` if two targets share a name; suggest ``option``."""
     first: dict[str, Target] = {}
     for target in targets:
         other = first.setdefault(target.name, target)
         if other is not target:
             raise ValueError(
                 f"expand targets: name {target.name!r} is used by both "
-                f"{other.uds_path} and {target.uds_path}; choose another name_from"
+                f"{other.uds_path!r} and {target.uds_path!r}; choose another "
+                f"{option}"
             )
 
 
@@ -418,7 +521,7 @@ class _Settings:
         cmd = target.cmd if target.cmd is not None else self.cmd
         if cmd is None:
             raise ValueError(
-                f"fanout: no command for target {target.name}: pass cmd or set "
+                f"fanout: no command for target {target.name!r}: pass cmd or set "
                 "Target.cmd"
             )
         return cmd
@@ -516,6 +619,10 @@ async def _run_target(
     status: ExitStatus | None = None
     error: ErrorKind | None = None
     message = ""
+    # NOTE: the session accepts frames up to MAX_PAYLOAD (16 MiB) because
+    # aio.stream has no option to lower that limit.  The fcvsock agent sends
+    # at most MAX_OUTPUT_CHUNK, but a hostile guest can make this session hold
+    # about 32 MiB.
     items = aio.stream(
         target.uds_path, settings.command_for(target), input=settings.input,
         env=settings.env, cwd=settings.cwd, user=settings.user,
@@ -537,7 +644,7 @@ async def _run_target(
     ) as exc:
         error = _classify(exc)
         message = str(exc)
-        log.debug("fanout: %s (%s): %s: %s", target.name, target.uds_path, error, exc)
+        log.debug("fanout: %r (%r): %s: %s", target.name, target.uds_path, error, exc)
         if isinstance(exc, SessionError):
             await _deliver_unread(target, exc, kept, queue)
     return VMResult(

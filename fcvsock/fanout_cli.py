@@ -1,9 +1,12 @@
 """The ``fcvsock fanout`` command line: one command on many VMs at once.
 
-Live output goes out line by line, each line whole and prefixed with its
-VM's name, stdout lines on stdout and stderr lines on stderr.  A summary
-with a table of the VMs that failed goes to stderr at the end, and while
-the VMs run a progress line is redrawn on stderr when it is a terminal.
+Live output goes out line by line, each line prefixed with its VM's name,
+stdout lines on stdout and stderr lines on stderr.  A line longer than
+64 KiB is cut into pieces, each prefixed.  A summary with a table of the VMs
+that failed goes to stderr at the end, and while the VMs run a progress line
+is redrawn on stderr when it is a terminal.  Names are printed through
+:func:`fcvsock.fanout.escape_name`, because a socket path may contain
+newlines and terminal escape sequences.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from typing import BinaryIO
 
 from . import fanout
 from ._request import build_start
-from .fanout import ErrorKind, LineSplitter, Target, VMOutput, VMResult
-from .handshake import check_guest_port
+from .fanout import ErrorKind, LineSplitter, Target, VMOutput, VMResult, escape_name
 from .protocol import AGENT_PORT
 
 __all__ = [
@@ -50,15 +52,30 @@ targets:
   containing the socket (/srv/vms/web-1/v.sock is web-1), stem the file
   name without its suffix (web-1.sock is web-1), path the path itself.
   A format such as '{{parent}}-{{stem}}' may use the fields {{path}},
-  {{parent}}, {{file}} and {{stem}}.
+  {{parent}}, {{file}} and {{stem}}.  Names are printed with backslashes,
+  newlines, escape sequences and other non-printable characters escaped
+  (\\n, \\x1b).
 
 output:
   Lines appear as 'NAME | line', never mixed with another VM's line; a
-  last line without a newline is printed when its VM finishes.  --json
+  line longer than 64 KiB is cut into pieces, each with the prefix, and a
+  last line without a newline is printed when its VM finishes.  The
+  summary and the table of VMs that did not succeed go to stderr.  --json
   prints one JSON object per VM as it finishes (name, uds_path,
   exit_code, signal, duration, error, error_message, stdout_bytes,
-  stderr_bytes) and no output lines; combine it with --out-dir to keep
-  the output.
+  stderr_bytes) with the names unescaped, and no output lines; combine it
+  with --out-dir to keep the output.  --out-dir file names are the
+  escaped names with '/' replaced by '_'.
+
+memory:
+  Each running VM holds up to 256 KiB of output read ahead plus up to two
+  protocol frames, and up to 128 KiB of unfinished lines when lines are
+  printed.  All VMs together queue up to 1 MiB of output.  The fcvsock
+  agent sends output frames of at most 64 KiB, so the default 64 VMs at a
+  time buffer about 33 MiB.  A guest may announce frames of up to 16 MiB,
+  so hostile guests can push that past 1 GiB and up to about 2 GiB.  These
+  figures are estimates from the limits above.  Lower --parallel where
+  guests are untrusted.
 
 exit status:
   {EXIT_OK}    the command exited 0 on every VM
@@ -68,8 +85,8 @@ exit status:
        or lost the connection (takes precedence over {EXIT_COMMAND_FAILED})
   {EXIT_INTERRUPTED}  interrupted by SIGINT; the summary covers the VMs done by then
   {EXIT_FAILURE}  invalid arguments, a glob that matched nothing, two VMs with the
-       same name, an --out-dir that cannot be written, or writing the
-       output failed while the VMs ran"""
+       same name, an --out-dir that cannot be written (each reported on
+       one line), or writing the output failed while the VMs ran"""
 
 # Names longer than this are not padded, so one long name does not push
 # every line to the right.
@@ -77,35 +94,72 @@ _MAX_PAD = 32
 _PROGRESS_INTERVAL = 0.25
 _CLEAR_LINE = b"\r\x1b[K"
 _INTERRUPTED = "interrupted"
+_USAGE = f"{_PROG} [options] TARGET... -- CMD [ARG...]"
+_MAX_U32 = 0xFFFFFFFF
 
 
 class _UsageError(Exception):
-    """Invalid command line; main() reports it and returns EXIT_FAILURE."""
+    """Invalid command line; main() reports it on one line, exit EXIT_FAILURE."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        if message.startswith("argument "):
+            raise _UsageError(message)
+        # Messages such as "unrecognized arguments: ..." do not show the
+        # expected form, so the usage line follows them.
+        raise _UsageError(f"{message}; usage: {_USAGE}")
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
+    value = _parse_int(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected an integer >= 1"
+        )
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected seconds >= 0, such as 30 or 0.5"
+        )
     return value
+
+
+def _u32(text: str) -> int:
+    value = _parse_int(text)
+    if value is None or not 0 <= value <= _MAX_U32:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected an integer in 0..{_MAX_U32}"
+        )
+    return value
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _name_style(text: str) -> str:
+    try:
+        fanout._name_template(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: {exc}") from None
+    return text
 
 
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog=_PROG,
-        usage=f"{_PROG} [options] TARGET... -- CMD [ARG...]",
+        usage=_USAGE,
         description="Run CMD on many microVMs at once through the guest agent, "
         "stream each VM's output line by line, and summarise the outcome.",
         epilog=_EPILOG,
@@ -118,7 +172,8 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "-p", "--parallel", type=_positive_int, default=fanout.DEFAULT_PARALLEL,
         metavar="N",
-        help=f"VMs to run at a time (default {fanout.DEFAULT_PARALLEL})",
+        help=f"VMs to run at a time (default {fanout.DEFAULT_PARALLEL}); host "
+        "memory grows with it, see below",
     )
     parser.add_argument(
         "--timeout", type=_seconds, default=None, metavar="S",
@@ -133,22 +188,25 @@ def _build_parser() -> _Parser:
         f"(default {fanout.DEFAULT_CONNECT_TIMEOUT:g})",
     )
     parser.add_argument(
-        "--remote-timeout", type=int, default=0, metavar="S",
+        "--remote-timeout", type=_u32, default=0, metavar="S",
         help="seconds after which each agent kills its command's process group "
         "(default 0: never)",
     )
     parser.add_argument(
-        "--port", type=int, default=AGENT_PORT,
+        "--port", type=_u32, default=AGENT_PORT,
         help=f"guest vsock port of the agent (default {AGENT_PORT})",
     )
     parser.add_argument(
         "-e", "--env", action="append", default=[], metavar="K=V",
         help="set an environment variable for the command (repeatable)",
     )
-    parser.add_argument("--cwd", default="", metavar="DIR", help="working directory")
+    parser.add_argument(
+        "--cwd", default="", metavar="DIR",
+        help="working directory of the command in the guest (default: the agent's)",
+    )
     parser.add_argument("--user", default="", help="user name or uid[:gid] to run as")
     parser.add_argument(
-        "--name-from", default="parent", metavar="STYLE",
+        "--name-from", type=_name_style, default="parent", metavar="STYLE",
         help="how to name a VM from its socket path: parent, stem, path or a "
         "format (default parent; see below)",
     )
@@ -172,12 +230,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     if "--" not in argv:
         if any(word in ("-h", "--help") for word in argv):
             _build_parser().parse_args(["--help"])
-        raise _UsageError("missing '--' between the targets and the command")
+        raise _UsageError(
+            f"missing '--' between the targets and the command; usage: {_USAGE}"
+        )
     split = argv.index("--")
     args = _build_parser().parse_args(argv[:split])
     args.cmd = argv[split + 1:]
     if not args.cmd:
-        raise _UsageError("missing command after '--'")
+        raise _UsageError(f"missing command after '--'; usage: {_USAGE}")
     args.env = _parse_env(args.env)
     return args
 
@@ -239,10 +299,11 @@ class _LinePrinter:
         self, console: _Console, targets: Sequence[Target], prefix: bool
     ) -> None:
         self._console = console
-        width = min(max(len(target.name) for target in targets), _MAX_PAD)
+        escaped_names = {target.name: escape_name(target.name) for target in targets}
+        width = min(max(len(name) for name in escaped_names.values()), _MAX_PAD)
         self._prefixes = {
-            target.name: f"{target.name:<{width}} | ".encode() if prefix else b""
-            for target in targets
+            name: f"{escaped:<{width}} | ".encode() if prefix else b""
+            for name, escaped in escaped_names.items()
         }
         self._splitter = LineSplitter()
 
@@ -284,8 +345,8 @@ class _OutputFiles:
             other = owners.setdefault(stem, target.name)
             if other != target.name:
                 raise _UsageError(
-                    f"--out-dir: VMs {other!r} and {target.name!r} would both write "
-                    f"{stem}.stdout; choose another --name-from"
+                    f"--out-dir: VMs {other!r} and {target.name!r} would both "
+                    f"write {stem + '.stdout'!r}; choose another --name-from"
                 )
             for stream_name in ("stdout", "stderr"):
                 self._paths[target.name, stream_name] = os.path.join(
@@ -293,13 +354,22 @@ class _OutputFiles:
                 )
         try:
             os.makedirs(out_dir, exist_ok=True)
-            # Empty files for every VM up front: a VM that printed nothing
-            # still has both, and files from an earlier run are truncated.
-            for path in self._paths.values():
+        except OSError as exc:
+            raise _UsageError(
+                f"--out-dir {out_dir!r}: creating the directory failed: "
+                f"{exc.strerror}; choose a directory you can write"
+            ) from None
+        # Empty files for every VM up front: a VM that printed nothing
+        # still has both, and files from an earlier run are truncated.
+        for path in self._paths.values():
+            try:
                 with open(path, "wb"):
                     pass
-        except OSError as exc:
-            raise _UsageError(f"--out-dir {out_dir}: {exc}") from None
+            except OSError as exc:
+                raise _UsageError(
+                    f"--out-dir {out_dir!r}: creating {os.path.basename(path)!r} "
+                    f"failed: {exc.strerror}; choose a directory you can write"
+                ) from None
 
     def output(self, event: VMOutput) -> None:
         # Opened per chunk, so hundreds of VMs do not hold hundreds of fds.
@@ -308,7 +378,8 @@ class _OutputFiles:
 
 
 def _file_stem(name: str) -> str:
-    stem = name.strip("/").replace("/", "_")
+    """Return a file name for ``name`` that stays inside the output directory."""
+    stem = escape_name(name).strip("/").replace("/", "_")
     if stem in ("", ".", ".."):
         stem = "_" + stem
     return stem
@@ -437,8 +508,8 @@ def _failure_table(results: Sequence[VMResult], order: Sequence[Target]) -> list
     rows = [("NAME", "RESULT", "DURATION", "DETAIL")]
     for result in failed:
         rows.append((
-            result.name, result.describe(), f"{result.duration:.2f} s",
-            _short_detail(result.error_message),
+            escape_name(result.name), result.describe(), f"{result.duration:.2f} s",
+            _printable(_short_detail(result.error_message)),
         ))
     name_width = max(len(row[0]) for row in rows)
     result_width = max(len(row[1]) for row in rows)
@@ -448,6 +519,20 @@ def _failure_table(results: Sequence[VMResult], order: Sequence[Target]) -> list
         f"{duration:>{duration_width}}  {detail}".rstrip()
         for name, outcome, duration, detail in rows
     ]
+
+
+def _printable(text: str) -> str:
+    """Return ``text`` with non-printable characters escaped, so it stays one line.
+
+    Messages quote the values they name with repr, but argparse and OSError
+    messages may contain an argument or a path as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() else fanout._escape_character(character)
+        for character in text
+    )
 
 
 def _short_detail(message: str) -> str:
@@ -484,11 +569,11 @@ def _write_summary(run: _FanoutRun) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> list[Target]:
     try:
-        targets = fanout.expand_targets(args.targets, args.name_from)
+        targets = fanout._collect_targets(args.targets, args.name_from)
+        fanout._check_unique_names(targets, "--name-from")
         targets = [
             Target(target.name, target.uds_path, port=args.port) for target in targets
         ]
-        check_guest_port(args.port)
         build_start(
             args.cmd, env=args.env, cwd=args.cwd, user=args.user, tty=False,
             tty_size=None, timeout_seconds=args.remote_timeout,
@@ -507,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = _check_arguments(args)
         run = _FanoutRun(args, targets, console)
     except _UsageError as exc:
-        print(f"{_PROG}: {exc}", file=sys.stderr)
-        print(f"usage: {_PROG} [options] TARGET... -- CMD [ARG...]", file=sys.stderr)
+        print(f"{_PROG}: {_printable(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except SystemExit as exc:
         # --help

@@ -181,10 +181,55 @@ def test_vm_name_empty_falls_back_to_path() -> None:
     assert fanout.vm_name("/v.sock", "parent") == "/v.sock"
 
 
-@pytest.mark.parametrize("name_from", ["basename", "{unknown}", "{"])
-def test_vm_name_invalid_style(name_from: str) -> None:
-    with pytest.raises(ValueError, match="vm name"):
+@pytest.mark.parametrize(
+    ("name_from", "reason"),
+    [
+        ("basename", "expected parent, stem, path or a format"),
+        ("{unknown}", "unknown field {unknown}; use {path}, {parent}, {file} or"),
+        ("{}", "unknown field {}"),
+        ("{path.__class__}", "unknown field {path.__class__}"),
+        ("{", "write '{{' or '}}' for a literal brace"),
+        ("{file:d}", "unknown format code 'd'"),
+    ],
+)
+def test_vm_name_invalid_style(name_from: str, reason: str) -> None:
+    with pytest.raises(ValueError) as raised:
         fanout.vm_name("/srv/vms/web-1/v.sock", name_from)
+    message = str(raised.value)
+    assert message.startswith(f"vm name: invalid name_from {name_from!r}: ")
+    assert reason in message
+
+
+def test_vm_name_format_spec() -> None:
+    assert fanout.vm_name("/srv/vms/web-1/v.sock", "{parent:.3}") == "web"
+
+
+def test_expand_invalid_style_before_paths() -> None:
+    with pytest.raises(ValueError, match="expand targets: invalid name_from 'dir'"):
+        fanout.expand_targets([], name_from="dir")
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("web-1", "web-1"),
+        ("caf\u00e9", "caf\u00e9"),
+        ("a b", "a b"),
+        ("evil\nweb-9 | FAKE OK", "evil\\nweb-9 | FAKE OK"),
+        ("tab\there\r", "tab\\there\\r"),
+        ("\x1b[31mred", "\\x1b[31mred"),
+        ("\x00", "\\x00"),
+        ("right\u202eleft", "right\\xe2\\x80\\xaeleft"),
+        ("vm-\udcff", "vm-\\xff"),
+        ("back\\slash", "back\\\\slash"),
+    ],
+)
+def test_escape_name(name: str, shown: str) -> None:
+    assert fanout.escape_name(name) == shown
+
+
+def test_escape_name_keeps_names_apart() -> None:
+    assert fanout.escape_name("a\nb") != fanout.escape_name("a\\nb")
 
 
 def test_expand_glob_natural_order(vms_dir: Path) -> None:
@@ -214,8 +259,11 @@ def test_expand_uses_path_once(vms_dir: Path) -> None:
 
 def test_expand_rejects_duplicate_names(vms_dir: Path) -> None:
     paths = [socket_path(vms_dir, "a"), socket_path(vms_dir, "b")]
-    with pytest.raises(ValueError, match="'v' is used by both"):
+    with pytest.raises(ValueError) as raised:
         fanout.expand_targets(paths, name_from="stem")
+    message = str(raised.value)
+    assert "'v' is used by both" in message
+    assert message.endswith("; choose another name_from")
 
 
 def test_expand_passes_targets_through() -> None:
@@ -816,6 +864,51 @@ def test_cli_out_dir_not_writable(
     assert "--out-dir" in err
 
 
+def test_cli_out_dir_escapes_names(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start_vm(peers, vms_dir, FORGED_NAME, ok_agent(b"hi\n"))
+    out_dir = tmp_path / "out"
+    run_cli("--out-dir", str(out_dir), str(vms_dir / "*" / "v.sock"), "--", "true")
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        "evil\\nweb-9 | FAKE OK.stderr", "evil\\nweb-9 | FAKE OK.stdout",
+    ]
+    assert (out_dir / "evil\\nweb-9 | FAKE OK.stdout").read_bytes() == b"hi\n"
+
+
+@pytest.mark.parametrize(
+    ("name_from", "stem"),
+    [
+        ("..{file:.0}", "_.."),
+        ("{parent}/../../{stem}", "a_.._.._v"),
+        ("{path}", None),
+    ],
+)
+def test_cli_out_dir_files_stay_inside(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name_from: str,
+    stem: str | None,
+) -> None:
+    uds_path = start_vm(peers, vms_dir, "a", ok_agent(b"hi\n"))
+    out_dir = tmp_path / "out"
+    status = run_cli(
+        "--out-dir", str(out_dir), "--name-from", name_from, uds_path, "--", "true"
+    )
+    if stem is None:
+        stem = uds_path.strip("/").replace("/", "_")
+    assert status == fanout_cli.EXIT_OK
+    assert list(tmp_path.iterdir()) == [out_dir]
+    assert sorted(path.name for path in out_dir.iterdir()) == [
+        f"{stem}.stderr", f"{stem}.stdout",
+    ]
+
+
 def test_cli_json(
     peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -911,6 +1004,52 @@ def test_cli_name_from(
     assert out == "a/v | hi\n"
 
 
+# A directory name that would forge another VM's output line if printed as is.
+FORGED_NAME = "evil\nweb-9 | FAKE OK"
+
+
+def test_cli_escapes_name_in_prefix(
+    peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_vm(peers, vms_dir, FORGED_NAME, ok_agent(b"hi\n"))
+    status = run_cli(str(vms_dir / "*" / "v.sock"), "--", "true")
+    out, _ = capsys.readouterr()
+    assert status == fanout_cli.EXIT_OK
+    assert out == "evil\\nweb-9 | FAKE OK | hi\n"
+
+
+def test_cli_escapes_name_in_table(
+    peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_vm(peers, vms_dir, "\x1b]0;title\x07vm", ok_agent(code=3))
+    run_cli(str(vms_dir / "*" / "v.sock"), "--", "true")
+    _, err = capsys.readouterr()
+    assert "\x1b" not in err
+    assert "\x07" not in err
+    assert err.splitlines()[-1].startswith("\\x1b]0;title\\x07vm  exit code 3")
+
+
+def test_cli_escapes_non_utf8_name(
+    peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = os.fsdecode(b"vm-\xff")
+    start_vm(peers, vms_dir, name, ok_agent(b"hi\n"))
+    status = run_cli(str(vms_dir / "*" / "v.sock"), "--", "true")
+    out, _ = capsys.readouterr()
+    assert status == fanout_cli.EXIT_OK
+    assert out == "vm-\\xff | hi\n"
+
+
+def test_cli_json_keeps_real_name(
+    peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_vm(peers, vms_dir, FORGED_NAME, ok_agent(b"hi\n"))
+    run_cli("--json", str(vms_dir / "*" / "v.sock"), "--", "true")
+    out, _ = capsys.readouterr()
+    [line] = out.splitlines()
+    assert json.loads(line)["name"] == FORGED_NAME
+
+
 def test_cli_sends_options(
     peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -963,11 +1102,32 @@ def test_cli_no_progress_off_terminal(
         (["vm.sock", "true"], "missing '--'"),
         (["vm.sock", "--"], "missing command"),
         (["--", "true"], "the following arguments are required: TARGET"),
-        (["--parallel", "0", "vm.sock", "--", "true"], "--parallel"),
-        (["--timeout", "soon", "vm.sock", "--", "true"], "--timeout"),
+        (["--bogus", "vm.sock", "--", "true"], "unrecognized arguments: --bogus"),
+        (
+            ["--parallel", "0", "vm.sock", "--", "true"],
+            "argument -p/--parallel: invalid value '0': expected an integer >= 1",
+        ),
+        (
+            ["--timeout", "soon", "vm.sock", "--", "true"],
+            "argument --timeout: invalid value 'soon': expected seconds >= 0",
+        ),
         (["-e", "NOVALUE", "vm.sock", "--", "true"], "invalid --env 'NOVALUE'"),
-        (["--port", "-1", "vm.sock", "--", "true"], "guest port"),
-        (["--name-from", "dir", "vm.sock", "--", "true"], "name_from"),
+        (
+            ["--port", "-1", "vm.sock", "--", "true"],
+            "argument --port: invalid value '-1': expected an integer in 0..",
+        ),
+        (
+            ["--remote-timeout", "-1", "vm.sock", "--", "true"],
+            "argument --remote-timeout: invalid value '-1'",
+        ),
+        (
+            ["--name-from", "dir", "vm.sock", "--", "true"],
+            "argument --name-from: invalid value 'dir': expected parent, stem,",
+        ),
+        (
+            ["--name-from", "{bogus}", "vm.sock", "--", "true"],
+            "use {path}, {parent}, {file} or {stem}",
+        ),
         (["/nonexistent/*/v.sock", "--", "true"], "matched no path"),
     ],
 )
@@ -978,7 +1138,25 @@ def test_cli_usage_errors(
     _, err = capsys.readouterr()
     assert status == fanout_cli.EXIT_FAILURE
     assert message in err
-    assert "usage: fcvsock fanout" in err
+    assert err.startswith("fcvsock fanout: ")
+    assert err.count("\n") == 1
+
+
+def test_cli_usage_error_names_option(capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli("--name-from", "{bogus}", "vm.sock", "--", "true")
+    _, err = capsys.readouterr()
+    assert "--name-from" in err
+    assert "name_from" not in err
+
+
+def test_cli_usage_error_escapes_argument(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = run_cli("--bo\ngus\x1b[2J", "vm.sock", "--", "true")
+    _, err = capsys.readouterr()
+    assert status == fanout_cli.EXIT_FAILURE
+    assert err.count("\n") == 1
+    assert "--bo\\ngus\\x1b[2J" in err
 
 
 def test_cli_duplicate_names(vms_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -987,6 +1165,7 @@ def test_cli_duplicate_names(vms_dir: Path, capsys: pytest.CaptureFixture[str]) 
     _, err = capsys.readouterr()
     assert status == fanout_cli.EXIT_FAILURE
     assert "'v' is used by both" in err
+    assert err.endswith("; choose another --name-from\n")
 
 
 def test_cli_help_lists_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
