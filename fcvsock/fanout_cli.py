@@ -64,8 +64,9 @@ output:
   prints one JSON object per VM as it finishes (name, uds_path,
   exit_code, signal, duration, error, error_message, stdout_bytes,
   stderr_bytes) with the names unescaped, and no output lines; combine it
-  with --out-dir to keep the output.  --out-dir file names are the
-  escaped names with '/' replaced by '_'.
+  with --out-dir to keep the output.  --out-dir writes all output unless
+  --max-output-bytes is given; file names are the escaped names with '/'
+  replaced by '_'.
 
 memory:
   Each running VM holds up to 256 KiB of output read ahead plus up to two
@@ -96,6 +97,7 @@ _CLEAR_LINE = b"\r\x1b[K"
 _INTERRUPTED = "interrupted"
 _USAGE = f"{_PROG} [options] TARGET... -- CMD [ARG...]"
 _MAX_U32 = 0xFFFFFFFF
+_SIZE_SUFFIXES = {"K": 1024, "M": 1024**2, "G": 1024**3}
 
 
 class _UsageError(Exception):
@@ -139,6 +141,18 @@ def _u32(text: str) -> int:
             f"invalid value {text!r}: expected an integer in 0..{_MAX_U32}"
         )
     return value
+
+
+def _byte_count(text: str) -> int:
+    multiplier = _SIZE_SUFFIXES.get(text[-1:].upper(), 1)
+    digits = text[:-1] if multiplier > 1 else text
+    value = _parse_int(digits)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a number of bytes >= 0, "
+            "optionally with the suffix K, M or G (KiB, MiB, GiB)"
+        )
+    return value * multiplier
 
 
 def _parse_int(text: str) -> int | None:
@@ -217,7 +231,13 @@ def _build_parser() -> _Parser:
     parser.add_argument(
         "--out-dir", metavar="DIR",
         help="write each VM's output to DIR/NAME.stdout and DIR/NAME.stderr "
-        "instead of printing it",
+        "instead of printing it; all of it unless --max-output-bytes is given",
+    )
+    parser.add_argument(
+        "--max-output-bytes", type=_byte_count, default=None, metavar="N",
+        help="print or write at most N bytes of each VM's stdout and of its "
+        "stderr and drop the rest; K, M and G mean KiB, MiB and GiB "
+        "(default: no limit)",
     )
     parser.add_argument(
         "--json", action="store_true",
@@ -385,6 +405,29 @@ def _file_stem(name: str) -> str:
     return stem
 
 
+class _OutputLimit:
+    """The --max-output-bytes limit, applied to each VM's stdout and stderr."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+        self._passed: Counter[tuple[str, str]] = Counter()
+        # Names of the VMs whose output was cut.
+        self.cut: set[str] = set()
+
+    def apply(self, event: VMOutput) -> VMOutput:
+        """Return ``event`` with its data cut to the bytes still allowed."""
+        if self.max_bytes is None:
+            return event
+        key = (event.target.name, event.stream)
+        room = max(self.max_bytes - self._passed[key], 0)
+        if len(event.data) <= room:
+            self._passed[key] += len(event.data)
+            return event
+        self.cut.add(event.target.name)
+        self._passed[key] += room
+        return event._replace(data=event.data[:room])
+
+
 # -- running ------------------------------------------------------------------
 
 
@@ -401,6 +444,7 @@ class _FanoutRun:
         self.started = time.monotonic()
         # Why the run ended before every VM finished, if it did.
         self.stopped: str | None = None
+        self.limit = _OutputLimit(args.max_output_bytes)
         self._printer: _LinePrinter | None = None
         self._files: _OutputFiles | None = None
         if args.out_dir is not None:
@@ -430,6 +474,9 @@ class _FanoutRun:
 
     def handle(self, event: VMOutput | VMResult) -> None:
         if isinstance(event, VMOutput):
+            event = self.limit.apply(event)
+            if not event.data:
+                return
             if self._printer is not None:
                 self._printer.output(event)
             if self._files is not None:
@@ -558,6 +605,12 @@ def _exit_status(run: _FanoutRun) -> int:
 def _write_summary(run: _FanoutRun) -> None:
     elapsed = time.monotonic() - run.started
     lines = [_counts_line(run.results, len(run.targets), elapsed, run.stopped)]
+    if run.limit.cut:
+        vms = "VM" if len(run.limit.cut) == 1 else "VMs"
+        lines.append(
+            f"fanout: output of {len(run.limit.cut)} {vms} cut at "
+            f"--max-output-bytes {run.limit.max_bytes} per stream"
+        )
     lines += _failure_table(run.results, run.targets)
     text = "".join(line + "\n" for line in lines)
     run.console.write(run.console.stderr, text.encode())

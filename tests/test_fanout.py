@@ -909,6 +909,55 @@ def test_cli_out_dir_files_stay_inside(
     ]
 
 
+def test_cli_max_output_bytes_out_dir(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    agent = Agent(
+        stdout_frame(b"abc"), stdout_frame(b"def"), stderr_frame(b"123456"),
+        exit_frame(0),
+    )
+    start_vm(peers, vms_dir, "a", agent)
+    start_vm(peers, vms_dir, "quiet", ok_agent(b"ok"))
+    out_dir = tmp_path / "out"
+    status = run_cli(
+        "--out-dir", str(out_dir), "--max-output-bytes", "4",
+        str(vms_dir / "*" / "v.sock"), "--", "true",
+    )
+    _, err = capsys.readouterr()
+    assert status == fanout_cli.EXIT_OK
+    assert (out_dir / "a.stdout").read_bytes() == b"abcd"
+    assert (out_dir / "a.stderr").read_bytes() == b"1234"
+    assert (out_dir / "quiet.stdout").read_bytes() == b"ok"
+    assert "fanout: output of 1 VM cut at --max-output-bytes 4 per stream" in err
+
+
+def test_cli_max_output_bytes_printed(
+    peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start_vm(peers, vms_dir, "a", ok_agent(b"one\ntwo\nthree\n"))
+    run_cli("--max-output-bytes", "6", str(vms_dir / "*" / "v.sock"), "--", "true")
+    out, _ = capsys.readouterr()
+    assert out == "a | one\na | tw\n"
+
+
+def test_cli_max_output_bytes_suffix(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start_vm(peers, vms_dir, "a", ok_agent(b"x" * 3000))
+    out_dir = tmp_path / "out"
+    run_cli(
+        "--out-dir", str(out_dir), "--max-output-bytes", "2k",
+        str(vms_dir / "*" / "v.sock"), "--", "true",
+    )
+    assert (out_dir / "a.stdout").read_bytes() == b"x" * 2048
+
+
 def test_cli_json(
     peers: Peers, vms_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1127,6 +1176,10 @@ def test_cli_no_progress_off_terminal(
         (
             ["--name-from", "{bogus}", "vm.sock", "--", "true"],
             "use {path}, {parent}, {file} or {stem}",
+        ),
+        (
+            ["--max-output-bytes", "1X", "vm.sock", "--", "true"],
+            "argument --max-output-bytes: invalid value '1X'",
         ),
         (["/nonexistent/*/v.sock", "--", "true"], "matched no path"),
     ],
