@@ -33,7 +33,13 @@ from .client import (
 )
 from .errors import ClockSyncError, ConnectionLostError
 from .handshake import DEFAULT_CONNECT_TIMEOUT, Handshake, connect_async
-from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize
+from .protocol import (
+    AGENT_PORT,
+    MAX_PAYLOAD,
+    FrameType,
+    encode_clock_sync,
+    encode_resize,
+)
 from .session import (
     DEFAULT_MAX_BUFFERED,
     WRITE_HIGH_WATER,
@@ -200,11 +206,14 @@ async def _open(
     connect_timeout: float,
     collect: bool,
     max_buffered: int,
+    max_frame: int = MAX_PAYLOAD,
     timeout: float | None,
 ) -> _Session:
     handshake = await connect_async(uds_path, port, connect_timeout)
     try:
-        core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
+        core = SessionCore(
+            handshake, collect=collect, max_buffered=max_buffered, max_frame=max_frame
+        )
         core.send(FrameType.START, start)
         session = _Session(core, timeout)
     except BaseException:
@@ -273,6 +282,7 @@ def stream(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_frame: int = MAX_PAYLOAD,
 ) -> AsyncGenerator[StreamItem, None]:
     """Yield output chunks, then the exit status; see :func:`fcvsock.stream`.
 
@@ -286,11 +296,11 @@ def stream(
     feeder = InputFeeder(input)
     _check_options(
         timeout=timeout, connect_timeout=connect_timeout, port=port,
-        max_buffered=max_buffered,
+        max_buffered=max_buffered, max_frame=max_frame,
     )
     return _stream(
         uds_path, start, feeder, port=port, connect_timeout=connect_timeout,
-        max_buffered=max_buffered, timeout=timeout,
+        max_buffered=max_buffered, max_frame=max_frame, timeout=timeout,
     )
 
 
@@ -302,11 +312,13 @@ async def _stream(
     port: int,
     connect_timeout: float,
     max_buffered: int,
+    max_frame: int,
     timeout: float | None,
 ) -> AsyncGenerator[StreamItem, None]:
     session = await _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
-        collect=False, max_buffered=max_buffered, timeout=timeout,
+        collect=False, max_buffered=max_buffered, max_frame=max_frame,
+        timeout=timeout,
     )
     core = session.core
     try:
@@ -489,6 +501,7 @@ def exec(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_frame: int = MAX_PAYLOAD,
 ) -> AsyncExecSession:
     """Prepare an interactive session; connect with ``async with`` or ``await``.
 
@@ -500,13 +513,14 @@ def exec(
     )
     _check_options(
         timeout=timeout, connect_timeout=connect_timeout, port=port,
-        max_buffered=max_buffered,
+        max_buffered=max_buffered, max_frame=max_frame,
     )
 
     async def open_session() -> _Session:
         return await _open(
             uds_path, start, port=port, connect_timeout=connect_timeout,
-            collect=False, max_buffered=max_buffered, timeout=timeout,
+            collect=False, max_buffered=max_buffered, max_frame=max_frame,
+        timeout=timeout,
         )
 
     return AsyncExecSession(open_session)

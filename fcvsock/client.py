@@ -32,7 +32,13 @@ from .handshake import (
     check_timeout,
     connect_blocking,
 )
-from .protocol import AGENT_PORT, FrameType, encode_clock_sync, encode_resize
+from .protocol import (
+    AGENT_PORT,
+    MAX_PAYLOAD,
+    FrameType,
+    encode_clock_sync,
+    encode_resize,
+)
 from .session import (
     DEFAULT_MAX_BUFFERED,
     WRITE_HIGH_WATER,
@@ -42,6 +48,7 @@ from .session import (
     SessionCore,
     StreamItem,
     check_max_buffered,
+    check_max_frame,
 )
 
 __all__ = ["ExecSession", "connect", "exec", "run", "stream", "sync_clock"]
@@ -92,10 +99,13 @@ def _open(
     connect_timeout: float,
     collect: bool,
     max_buffered: int,
+    max_frame: int = MAX_PAYLOAD,
 ) -> SessionCore:
     handshake = connect_blocking(uds_path, port, connect_timeout)
     try:
-        core = SessionCore(handshake, collect=collect, max_buffered=max_buffered)
+        core = SessionCore(
+            handshake, collect=collect, max_buffered=max_buffered, max_frame=max_frame
+        )
         core.send(FrameType.START, start)
     except BaseException:
         handshake.sock.close()
@@ -134,12 +144,14 @@ def _check_options(
     connect_timeout: float,
     port: int,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_frame: int = MAX_PAYLOAD,
 ) -> None:
     """Raise on an invalid option before anything connects."""
     check_session_timeout(timeout)
     check_timeout(connect_timeout)
     check_guest_port(port)
     check_max_buffered(max_buffered)
+    check_max_frame(max_frame)
 
 
 def run(
@@ -209,14 +221,18 @@ def stream(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_frame: int = MAX_PAYLOAD,
 ) -> Iterator[StreamItem]:
     """Run ``cmd`` and yield :class:`Output` chunks as they arrive.
 
     The last item is the :class:`ExitStatus`.  About ``max_buffered`` bytes
     of output (at most two frames more) wait in memory between reads; beyond
-    that the socket is not read and the guest blocks.  Arguments are those
-    of :func:`run` and are checked at once; the connection is made when
-    iteration starts.  Closing the generator early closes the connection,
+    that the socket is not read and the guest blocks.  ``max_frame`` ends
+    the session with :class:`SessionProtocolError` on a frame larger than
+    that many bytes; the protocol allows 16 MiB, the reference agent sends
+    at most 64 KiB, so a lower value bounds memory per session tighter.
+    Other arguments are those of :func:`run` and are checked at once; the
+    connection is made when iteration starts.  Closing the generator early closes the connection,
     and the agent then kills the command.
     """
     start = build_start(
@@ -226,11 +242,11 @@ def stream(
     feeder = InputFeeder(input)
     _check_options(
         timeout=timeout, connect_timeout=connect_timeout, port=port,
-        max_buffered=max_buffered,
+        max_buffered=max_buffered, max_frame=max_frame,
     )
     return _stream(
         uds_path, start, feeder, timeout=timeout, connect_timeout=connect_timeout,
-        port=port, max_buffered=max_buffered,
+        port=port, max_buffered=max_buffered, max_frame=max_frame,
     )
 
 
@@ -243,10 +259,11 @@ def _stream(
     connect_timeout: float,
     port: int,
     max_buffered: int,
+    max_frame: int,
 ) -> Iterator[StreamItem]:
     core = _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
-        collect=False, max_buffered=max_buffered,
+        collect=False, max_buffered=max_buffered, max_frame=max_frame,
     )
     deadline = deadline_after(timeout)
     try:
@@ -424,6 +441,7 @@ def exec(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     port: int = AGENT_PORT,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
+    max_frame: int = MAX_PAYLOAD,
 ) -> ExecSession:
     """Start ``cmd`` and return an :class:`ExecSession` for it.
 
@@ -436,11 +454,11 @@ def exec(
     )
     _check_options(
         timeout=timeout, connect_timeout=connect_timeout, port=port,
-        max_buffered=max_buffered,
+        max_buffered=max_buffered, max_frame=max_frame,
     )
     core = _open(
         uds_path, start, port=port, connect_timeout=connect_timeout,
-        collect=False, max_buffered=max_buffered,
+        collect=False, max_buffered=max_buffered, max_frame=max_frame,
     )
     session = ExecSession(core, timeout)
     try:

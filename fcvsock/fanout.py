@@ -17,10 +17,10 @@ One read may overshoot the read-ahead by up to two frames, so the estimated
 peak is ``parallel * (SESSION_BUFFER + 2 * frame size) + MAX_QUEUED`` plus
 the kept output.  The fcvsock agent sends output frames of at most
 :data:`fcvsock.protocol.MAX_OUTPUT_CHUNK` (64 KiB), which makes about 25 MiB
-at the default ``parallel`` of 64.  A guest may announce frames of up to
-:data:`fcvsock.protocol.MAX_PAYLOAD` (16 MiB), so hostile guests can push the
-same fan-out past 1 GiB and up to about 2 GiB.  Lower ``parallel`` where
-guests are untrusted.
+at the default ``parallel`` of 64.  Sessions reject frames above
+:data:`SESSION_MAX_FRAME` (1 MiB) as a protocol error, so hostile guests can
+push the same fan-out to about 150 MiB, not the 2 GiB that the protocol's
+16 MiB frames would allow.
 
 VM names come from socket paths, which may contain newlines and terminal
 escape sequences.  Pass a name through :func:`escape_name` before printing it.
@@ -112,6 +112,10 @@ DEFAULT_MAX_OUTPUT = 256 * 1024
 # Output each session reads ahead of the consumer: the max_buffered of
 # fcvsock.aio.stream, which fcvsock.session enforces.
 SESSION_BUFFER = 256 * 1024
+# Largest frame a fan-out session accepts.  The fcvsock agent sends at most
+# 64 KiB; the margin leaves room for other agents, and a larger frame ends
+# that VM's session as a protocol error instead of costing 16 MiB.
+SESSION_MAX_FRAME = 1024 * 1024
 # Output bytes queued between all sessions and the consumer.
 MAX_QUEUED = 1024 * 1024
 DEFAULT_MAX_LINE = 64 * 1024
@@ -619,16 +623,12 @@ async def _run_target(
     status: ExitStatus | None = None
     error: ErrorKind | None = None
     message = ""
-    # NOTE: the session accepts frames up to MAX_PAYLOAD (16 MiB) because
-    # aio.stream has no option to lower that limit.  The fcvsock agent sends
-    # at most MAX_OUTPUT_CHUNK, but a hostile guest can make this session hold
-    # about 32 MiB.
     items = aio.stream(
         target.uds_path, settings.command_for(target), input=settings.input,
         env=settings.env, cwd=settings.cwd, user=settings.user,
         timeout_seconds=settings.timeout_seconds, timeout=settings.timeout,
         connect_timeout=settings.connect_timeout, port=target.port,
-        max_buffered=SESSION_BUFFER,
+        max_buffered=SESSION_BUFFER, max_frame=SESSION_MAX_FRAME,
     )
     try:
         async with contextlib.aclosing(items):

@@ -73,10 +73,9 @@ memory:
   protocol frames, and up to 128 KiB of unfinished lines when lines are
   printed.  All VMs together queue up to 1 MiB of output.  The fcvsock
   agent sends output frames of at most 64 KiB, so the default 64 VMs at a
-  time buffer about 33 MiB.  A guest may announce frames of up to 16 MiB,
-  so hostile guests can push that past 1 GiB and up to about 2 GiB.  These
-  figures are estimates from the limits above.  Lower --parallel where
-  guests are untrusted.
+  time buffer about 33 MiB.  A frame above 1 MiB ends that VM's session as
+  a protocol error, so hostile guests can push that to about 160 MiB.
+  These figures are estimates from the limits above.
 
 exit status:
   {EXIT_OK}    the command exited 0 on every VM

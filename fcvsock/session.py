@@ -35,7 +35,7 @@ from .errors import (
     SessionProtocolError,
 )
 from .handshake import Handshake
-from .protocol import FrameType, decode_exit
+from .protocol import MAX_PAYLOAD, FrameType, decode_exit
 
 __all__ = [
     "DEFAULT_MAX_BUFFERED",
@@ -58,6 +58,17 @@ MAX_READS_PER_EVENT = 4
 MAX_FRAMES_PER_EVENT = 16384
 # Writers wait for the kernel once this much is queued in user space.
 WRITE_HIGH_WATER = 256 * 1024
+
+
+def check_max_frame(max_frame: int) -> int:
+    """Return ``max_frame`` if it is an int in 1..16 MiB, else raise."""
+    if isinstance(max_frame, bool) or not isinstance(max_frame, int):
+        raise TypeError(f"session: max_frame must be an int, got {max_frame!r}")
+    if not 0 < max_frame <= MAX_PAYLOAD:
+        raise ValueError(
+            f"session: max_frame must be in 1..{MAX_PAYLOAD}, got {max_frame}"
+        )
+    return max_frame
 
 
 def check_max_buffered(max_buffered: int) -> int:
@@ -141,12 +152,14 @@ class SessionCore:
         *,
         collect: bool = False,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        max_frame: int = MAX_PAYLOAD,
     ) -> None:
         check_max_buffered(max_buffered)
+        check_max_frame(max_frame)
         self.sock: socket.socket | None = handshake.sock
         self.fd = handshake.sock.fileno()
         self.host_port = handshake.host_port
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(max_payload=max_frame)
         self.writer = FrameWriter()
         self.collect = collect
         self.max_buffered = max_buffered

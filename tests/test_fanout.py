@@ -381,6 +381,18 @@ def test_run_protocol_error_in_session(peers: Peers, vms_dir: Path) -> None:
     assert result.error is ErrorKind.PROTOCOL_ERROR
 
 
+def test_run_rejects_frame_above_session_cap(peers: Peers, vms_dir: Path) -> None:
+    # Legal under the protocol's 16 MiB limit, but above what fan-out holds
+    # per session; only the header is sent, so nothing is allocated for it.
+    header = bytes([FrameType.STDOUT]) + (fanout.SESSION_MAX_FRAME + 1).to_bytes(
+        4, "little"
+    )
+    path = start_vm(peers, vms_dir, "big", Agent(stdout_frame(b"x\n"), header))
+    [result] = fanout.run_blocking([path], ["true"])
+    assert result.error is ErrorKind.PROTOCOL_ERROR
+    assert result.stdout == b"x\n"
+
+
 def test_run_connection_lost(peers: Peers, vms_dir: Path) -> None:
     path = start_vm(peers, vms_dir, "gone", Agent(stdout_frame(b"x\n"), close=True))
     [result] = fanout.run_blocking([path], ["true"])

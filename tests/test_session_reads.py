@@ -5,6 +5,9 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
+
+import fcvsock
 from fcvsock.errors import SessionProtocolError
 from fcvsock.handshake import Handshake
 from fcvsock.protocol import FrameType
@@ -74,3 +77,30 @@ def test_on_readable_stops_after_frame_cap() -> None:
     finally:
         core.close()
         guest.close()
+
+
+def test_max_frame_rejects_larger_frame() -> None:
+    big = _frame(FrameType.STDOUT, b"x" * 2048)
+    host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guest.sendall(_frame(FrameType.STDOUT, b"ok") + big)
+    host.setblocking(False)
+    core = SessionCore(Handshake(host, 1, b"", 1), collect=True, max_frame=1024)
+    try:
+        core.on_readable()
+        assert core.stdout_parts == [b"ok"]
+        assert isinstance(core.error(), SessionProtocolError)
+        assert "2048" in str(core.error())
+    finally:
+        core.close()
+        guest.close()
+
+
+@pytest.mark.parametrize("max_frame", [0, -1, (16 << 20) + 1])
+def test_max_frame_out_of_range(max_frame: int) -> None:
+    with pytest.raises(ValueError, match="max_frame"):
+        fcvsock.stream("/nonexistent.sock", ["true"], max_frame=max_frame)
+
+
+def test_max_frame_wrong_type() -> None:
+    with pytest.raises(TypeError, match="max_frame"):
+        fcvsock.stream("/nonexistent.sock", ["true"], max_frame=1.5)  # type: ignore[arg-type]
