@@ -491,6 +491,10 @@ cdef class FrameDecoder:
             if Py_REFCNT(item) == 1 and PyBytes_GET_SIZE(<object>item) == length:
                 payload = <bytes>item
                 del self._spares[index]
+                # The bytes object caches its hash; a stale one would make
+                # the new content compare unequal in dicts and sets.
+                # NOTE: ob_shash is deprecated since CPython 3.11 but still
+                # present; if it is removed, drop reuse rather than the reset.
                 (<PyBytesObject *>item).ob_shash = -1
                 return payload
         return None
