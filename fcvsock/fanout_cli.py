@@ -382,8 +382,7 @@ class _OutputFiles:
         # still has both, and files from an earlier run are truncated.
         for path in self._paths.values():
             try:
-                with open(path, "wb"):
-                    pass
+                os.close(os.open(path, _CREATE_FLAGS | os.O_TRUNC, 0o644))
             except OSError as exc:
                 raise _UsageError(
                     f"--out-dir {out_dir!r}: creating {os.path.basename(path)!r} "
@@ -392,8 +391,14 @@ class _OutputFiles:
 
     def output(self, event: VMOutput) -> None:
         # Opened per chunk, so hundreds of VMs do not hold hundreds of fds.
-        with open(self._paths[event.target.name, event.stream], "ab") as file:
+        path = self._paths[event.target.name, event.stream]
+        with open(os.open(path, _CREATE_FLAGS | os.O_APPEND, 0o644), "ab") as file:
             file.write(event.data)
+
+
+# O_NOFOLLOW: a symlink planted in a shared output directory must not
+# redirect output into another file.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _file_stem(name: str) -> str:

@@ -839,6 +839,27 @@ def test_cli_out_dir(
     assert (out_dir / "quiet.stderr").read_bytes() == b""
 
 
+def test_cli_out_dir_does_not_follow_symlinks(
+    peers: Peers,
+    vms_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    start_vm(peers, vms_dir, "a", ok_agent(b"overwritten\n"))
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "a.stdout").symlink_to(victim)
+    status = run_cli(
+        "--out-dir", str(out_dir), str(vms_dir / "*" / "v.sock"), "--", "true"
+    )
+    _, err = capsys.readouterr()
+    assert status == fanout_cli.EXIT_FAILURE
+    assert "a.stdout" in err
+    assert victim.read_bytes() == b"precious\n"
+
+
 def test_cli_out_dir_removed_while_running(
     peers: Peers,
     vms_dir: Path,
