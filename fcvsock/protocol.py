@@ -224,7 +224,8 @@ def encode_exit(exit_code: int, signal_number: int | None = None) -> bytes:
 def decode_exit(payload: bytes) -> tuple[int, int | None]:
     """Return ``(exit_code, signal)`` from a 4- or 8-byte EXIT payload.
 
-    ``signal`` is ``None`` for the 4-byte form and for a signal field of 0.
+    ``signal`` is ``None`` for the 4-byte form and for a signal field
+    outside 1..64, such as 0.
     A payload under 4 bytes is a ``ProtocolError``, never exit code 0.
     """
     if len(payload) < _I32.size:
@@ -233,6 +234,7 @@ def decode_exit(payload: bytes) -> tuple[int, int | None]:
         )
     if len(payload) >= _EXIT_WITH_SIGNAL.size:
         exit_code, signal_number = _EXIT_WITH_SIGNAL.unpack_from(payload)
-        return exit_code, (signal_number or None)
+        # Linux signals are 1..64; anything else cannot have killed a process.
+        return exit_code, (signal_number if 1 <= signal_number <= 64 else None)
     (exit_code,) = _I32.unpack_from(payload)
     return exit_code, None

@@ -102,8 +102,8 @@ class ExitStatus:
 
     @property
     def ok(self) -> bool:
-        """True when the command exited with code 0."""
-        return self.exit_code == 0
+        """True when the command exited with code 0 and no signal."""
+        return self.exit_code == 0 and self.signal is None
 
 
 StreamItem = Output | ExitStatus
@@ -120,12 +120,12 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        """True when the command exited with code 0."""
-        return self.exit_code == 0
+        """True when the command exited with code 0 and no signal."""
+        return self.exit_code == 0 and self.signal is None
 
     def check(self) -> RunResult:
         """Return self, or raise :class:`CommandFailedError` if not ok."""
-        if self.exit_code != 0:
+        if not self.ok:
             how = f"signal {self.signal}" if self.signal else f"code {self.exit_code}"
             raise CommandFailedError(
                 f"run: command exited with {how}, expected 0",

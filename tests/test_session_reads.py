@@ -104,3 +104,20 @@ def test_max_frame_out_of_range(max_frame: int) -> None:
 def test_max_frame_wrong_type() -> None:
     with pytest.raises(TypeError, match="max_frame"):
         fcvsock.stream("/nonexistent.sock", ["true"], max_frame=1.5)  # type: ignore[arg-type]
+
+
+def test_exit_signal_outside_linux_range_dropped() -> None:
+    from fcvsock.protocol import decode_exit, encode_exit
+
+    assert decode_exit(encode_exit(1, 65)) == (1, None)
+    assert decode_exit(encode_exit(1, -5)) == (1, None)
+    assert decode_exit(encode_exit(137, 9)) == (137, 9)
+
+
+def test_result_with_signal_is_not_ok() -> None:
+    from fcvsock import CommandFailedError, RunResult
+
+    result = RunResult(0, 9, b"", b"")
+    assert not result.ok
+    with pytest.raises(CommandFailedError, match="signal 9"):
+        result.check()
