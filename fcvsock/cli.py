@@ -66,8 +66,10 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors exit with :data:`EXIT_FAILURE`."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message}\n")
+        self.exit(
+            EXIT_FAILURE,
+            f"{self.prog}: {message}; see '{self.prog} --help'\n",
+        )
 
 
 def _seconds(text: str) -> float:
@@ -78,6 +80,16 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(
             f"expected a non-negative number of seconds, got {text!r}"
+        )
+    return value
+
+
+def _deadline_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            "expected a positive number of seconds, got '0'; omit the option "
+            "for no deadline"
         )
     return value
 
@@ -115,8 +127,10 @@ def _add_command_options(parser: argparse.ArgumentParser, split: bool) -> None:
     )
     _add_connection_options(parser)
     parser.add_argument(
-        "--timeout", type=_seconds, default=None, metavar="S",
-        help="host-side deadline in seconds for the whole command (default none)",
+        "--timeout", type=_deadline_seconds, default=None, metavar="S",
+        help="host-side deadline in seconds from the start of the command to "
+        "its exit status, after the connect wait of --connect-timeout "
+        "(default none)",
     )
     parser.add_argument(
         "--remote-timeout", type=_u32, default=0, metavar="S",
@@ -340,13 +354,15 @@ def _sync_clock_main(args: argparse.Namespace) -> int:
     async def sync_all() -> list[tuple[str, BaseException | None]]:
         return await asyncio.gather(*(sync_one(path) for path in args.uds_paths))
 
+    started = time.monotonic()
     failures = 0
     for uds_path, error in asyncio.run(sync_all()):
         if error is None:
             print(f"{uds_path}: clock synced")
         else:
             failures += 1
-            print(f"fcvsock: {uds_path}: {error}", file=sys.stderr)
+            args.uds_path = uds_path
+            _report(args, error, started)
     return EXIT_FAILURE if failures else 0
 
 

@@ -133,7 +133,7 @@ def _parse_reply(received: bytes) -> tuple[int, bytes] | None:
 def _ended_early(received: bytes) -> Exception:
     """Classify an EOF before the whole reply arrived."""
     if not received or _OK_PREFIX.fullmatch(received):
-        return _NotReady(ConnectionResetError(errno.ECONNRESET, "closed before reply"))
+        return _NotReady(ConnectionResetError("connection closed before the reply"))
     return HandshakeError(
         f"handshake: expected 'OK <port>\\n', got {received!r} and then EOF",
         received,

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import select
 import shutil
@@ -558,26 +559,48 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--boot-delay",
-        type=float,
+        type=_non_negative_seconds,
         default=0.0,
         metavar="S",
         help="seconds during which nothing listens on port 52 (default: 0)",
     )
     parser.add_argument(
         "--max-connections",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="live connections served; more are closed (default: %(default)s)",
     )
     parser.add_argument(
         "--max-sessions",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="N",
         help="sessions the agent runs at once (default: the agent's own)",
     )
     return parser
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number of seconds, got {text!r}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _raise_stop(signal_number: int, frame: FrameType | None) -> None:

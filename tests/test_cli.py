@@ -44,6 +44,8 @@ def test_exit_code_mapping(status: ExitStatus, expected: int) -> None:
         ["run", "--connect-timeout", "inf", "vm.sock", "--", "true"],
         ["run", "--port", "4294967296", "vm.sock", "--", "true"],
         ["run", "--remote-timeout", "-5", "vm.sock", "--", "true"],
+        ["run", "--timeout", "0", "vm.sock", "--", "true"],
+        ["run", "--bogus", "vm.sock", "--", "true"],
         ["sync-clock", "--port", "-1", "vm.sock"],
         ["run", "vm.sock", "--"],
         ["run", "-e", "NOEQUALS", "vm.sock", "--", "true"],
@@ -61,7 +63,8 @@ def test_usage_error_exits_255(
     assert raised.value.code == cli.EXIT_FAILURE
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("fcvsock")
+    assert err.count("\n") == 1
+    assert err.startswith("fcvsock")
 
 
 def test_missing_socket_named_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,3 +137,32 @@ def test_agent_from_entry_point_survives_closed_stdin(tmp_path: Path) -> None:
     finally:
         agent.terminate()
         agent.wait(timeout=20)
+
+
+def test_sync_clock_names_socket_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "absent.sock")
+    code = cli.main(["sync-clock", "--connect-timeout", "0.2", missing])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILURE
+    assert err.count(missing) == 1
+    assert "after" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-connections", "0", "vm.sock"],
+        ["--boot-delay", "-1", "vm.sock"],
+        ["--boot-delay", "nan", "vm.sock"],
+        ["--max-sessions", "0", "vm.sock"],
+    ],
+)
+def test_local_vm_rejects_bad_options(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["local-vm", *argv])
+    assert raised.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
