@@ -1,8 +1,8 @@
 """The asyncio API: the same calls as :mod:`fcvsock.client`, awaitable.
 
 Each session registers its socket with the running loop through
-``add_reader``/``add_writer`` (so uvloop works too) and reads it with the
-frame core; no thread and no extra task is started.
+``add_reader``/``add_writer``, so uvloop works too, and reads it with the
+frame core.  No thread and no extra task is started.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from .client import (
     _check_clock_reply,
     _check_options,
     _discard_output,
-    _feed_input,
     _timed_out,
 )
 from .errors import ClockSyncError, ConnectionLostError
@@ -176,7 +175,7 @@ class _Session:
             raise _timed_out(self.core, limit) from None
 
     def feed_input(self, feeder: InputFeeder) -> None:
-        _feed_input(self.core, feeder)
+        self.core.send_input(feeder)
         self.driver.update()
 
     async def drain(self, high_water: int, *, raise_write_error: bool = True) -> None:

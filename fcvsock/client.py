@@ -113,22 +113,6 @@ def _open(
     return core
 
 
-def _feed_input(core: SessionCore, feeder: InputFeeder) -> None:
-    # Queue until EOF is out or the kernel stops taking bytes.  Returning
-    # with input left but nothing pending would leave the caller polling
-    # only for output, which the command may write only after its EOF.
-    while core.write_error is None and not feeder.eof_sent:
-        while core.pending_writes < WRITE_HIGH_WATER:
-            payload = feeder.next_frame()
-            if payload is None:
-                core.send(FrameType.EOF)
-                feeder.eof_sent = True
-                break
-            core.send(FrameType.STDIN, payload)
-        if core.flush() > 0:
-            return
-
-
 def _timed_out(core: SessionCore, limit: float | None) -> SessionTimeoutError:
     within = "before the deadline" if limit is None else f"within {limit:g} s"
     error = core.make_error(
@@ -194,7 +178,7 @@ def run(
     try:
         while not core.finished:
             if not feeder.eof_sent:
-                _feed_input(core, feeder)
+                core.send_input(feeder)
             _wait(core, deadline)
     except _Deadline:
         raise _timed_out(core, timeout) from None
@@ -278,7 +262,7 @@ def _stream(
             if core.failure is not None:
                 raise core.error()
             if not feeder.eof_sent:
-                _feed_input(core, feeder)
+                core.send_input(feeder)
             try:
                 _wait(core, deadline)
             except _Deadline:
@@ -538,7 +522,7 @@ def connect(
     """Open a raw stream to ``port`` in the guest (handshake only).
 
     The returned socket is non-blocking; call ``setblocking(True)`` for
-    blocking use.  Read ``initial_data`` before the socket: it holds guest
+    blocking use.  Read ``initial_data`` before the socket: it contains guest
     bytes that arrived with the VMM's reply.
     """
     return connect_blocking(uds_path, port, timeout)

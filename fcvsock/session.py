@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ._core import FrameDecoder, FrameWriter
+from ._request import InputFeeder
 from .errors import (
     CommandFailedError,
     ConnectionLostError,
@@ -90,7 +91,7 @@ class Output:
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How the command ended.
+    """The end of a command: its exit code and the signal that killed it.
 
     ``exit_code`` is the command's code, or 128+N when signal N killed it
     (137 on an agent-side timeout).  ``signal`` is N when the agent reported
@@ -226,9 +227,9 @@ class SessionCore:
                 # few reads, not one per free byte below max_buffered.
                 budget = max(budget, min(self.decoder.buffered, READ_BUDGET))
         if self.wants_read:
-            # A zero budget reads nothing; it raises an error the decoder
-            # deferred behind the frames just handled, which no readable
-            # event would report if the guest sends nothing more.
+            # A zero budget reads nothing but raises an error the decoder
+            # deferred behind the frames just handled.  No readable event
+            # would report it if the guest sends nothing more.
             self._read(0)
 
     def _read(self, budget: int) -> list[tuple[int, bytes]] | None:
@@ -256,6 +257,24 @@ class SessionCore:
                 ConnectionLostError, f"send to guest failed: {reason}", self.write_error
             )
         self.writer.write(frame_type, payload)
+
+    def send_input(self, feeder: InputFeeder) -> None:
+        """Queue STDIN frames from ``feeder``, then EOF, as the socket takes them.
+
+        Stops once EOF is queued or the kernel stops taking bytes.  Returning
+        with input left but nothing pending would leave the caller polling
+        only for output, which the command may write only after its EOF.
+        """
+        while self.write_error is None and not feeder.eof_sent:
+            while self.pending_writes < WRITE_HIGH_WATER:
+                payload = feeder.next_frame()
+                if payload is None:
+                    self.send(FrameType.EOF)
+                    feeder.eof_sent = True
+                    break
+                self.send(FrameType.STDIN, payload)
+            if self.flush() > 0:
+                return
 
     def flush(self) -> int:
         """Write queued frames until EAGAIN; return the bytes still queued.

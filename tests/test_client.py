@@ -59,7 +59,6 @@ from fcvsock import (
     aio,
 )
 from fcvsock._request import STDIN_CHUNK, InputFeeder
-from fcvsock.client import _feed_input
 from fcvsock.handshake import Handshake
 from fcvsock.protocol import HEADER_SIZE, MAX_PAYLOAD, decode_clock_sync
 from fcvsock.session import SessionCore
@@ -258,7 +257,7 @@ class PartialFlushWriter:
         return self.pending
 
 
-def test_feed_input_leaves_work_pending() -> None:
+def test_send_input_leaves_work_pending() -> None:
     # Returning with stdin left and nothing pending would make the caller
     # poll only for output, which the command may write only after EOF.
     host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -266,7 +265,7 @@ def test_feed_input_leaves_work_pending() -> None:
     core.writer = PartialFlushWriter()
     feeder = InputFeeder(b"x" * (2 * STDIN_CHUNK))
     try:
-        _feed_input(core, feeder)
+        core.send_input(feeder)
         assert core.pending_writes > 0
         assert not feeder.eof_sent
     finally:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import socket
 
 from fcvsock._request import STDIN_CHUNK, InputFeeder
-from fcvsock.client import _feed_input
 from fcvsock.handshake import Handshake
 from fcvsock.session import SessionCore
 
 
-def test_feed_input_sends_eof_when_socket_takes_all() -> None:
+def test_send_input_sends_eof_when_socket_takes_all() -> None:
     # Regression: after the last STDIN chunk flushed completely, EOF stayed
     # unsent and run() waited for output that only came after EOF.
     host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -20,7 +19,7 @@ def test_feed_input_sends_eof_when_socket_takes_all() -> None:
     core = SessionCore(Handshake(host, 1, b"", 1))
     feeder = InputFeeder(b"x" * (2 * STDIN_CHUNK))
     try:
-        _feed_input(core, feeder)
+        core.send_input(feeder)
         assert core.pending_writes == 0
         assert feeder.eof_sent
     finally:
