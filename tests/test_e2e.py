@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import processes_with_args, wait_until
 
 import fcvsock
 import fcvsock.aio
@@ -24,31 +25,6 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalVM]:
     path = tmp_path_factory.mktemp("e2e") / "vm.sock"
     with LocalVM(path) as local_vm:
         yield local_vm
-
-
-def _processes_with_args(*args: str) -> list[int]:
-    wanted = "\0".join(args).encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmdline == wanted and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_urandom_100mb_byte_exact(vm: LocalVM, tmp_path: Path) -> None:
@@ -120,7 +96,7 @@ def test_agent_timeout_kills_process_group(vm: LocalVM) -> None:
     result = fcvsock.run(vm.uds_path, cmd, timeout_seconds=1, timeout=30)
     assert result.exit_code == 137
     assert result.signal == 9
-    assert _wait_until(lambda: not _processes_with_args("sleep", seconds))
+    assert wait_until(lambda: not processes_with_args("sleep", seconds))
 
 
 def test_command_not_found(vm: LocalVM) -> None:
@@ -135,8 +111,8 @@ def test_host_disconnect_kills_command(vm: LocalVM) -> None:
     with fcvsock.exec(vm.uds_path, cmd, timeout=30) as session:
         first = session.read()
         assert first is not None and first.data == b"started\n"
-        assert _wait_until(lambda: bool(_processes_with_args("sleep", seconds)))
-    assert _wait_until(lambda: not _processes_with_args("sleep", seconds))
+        assert wait_until(lambda: bool(processes_with_args("sleep", seconds)))
+    assert wait_until(lambda: not processes_with_args("sleep", seconds))
 
 
 def test_fifty_sessions_at_once(vm: LocalVM) -> None:

@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import processes_with_args, wait_until
 from scripted_peer import (
     WAIT,
     Agent,
@@ -382,7 +382,7 @@ def test_run_protocol_error_in_session(peers: Peers, vms_dir: Path) -> None:
 
 
 def test_run_rejects_frame_above_session_cap(peers: Peers, vms_dir: Path) -> None:
-    # Legal under the protocol's 16 MiB limit, but above what fan-out holds
+    # Legal under the protocol's 16 MiB limit, but above what fan-out accepts
     # per session; only the header is sent, so nothing is allocated for it.
     header = bytes([FrameType.STDOUT]) + (fanout.SESSION_MAX_FRAME + 1).to_bytes(
         4, "little"
@@ -636,32 +636,6 @@ def fleet(
                 vm.listen(52, hub.agent_unix_path)
             vms[name] = vm
         yield vms
-
-
-def processes_with_args(*args: str) -> list[int]:
-    """Return the live processes whose argv is exactly ``args``."""
-    wanted = "\0".join(args).encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmdline == wanted and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 FLEET_KINDS = ("ok", "failing", "stuck", "down")
