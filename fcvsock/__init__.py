@@ -1,7 +1,7 @@
 """Run commands in Firecracker and Cloud Hypervisor microVMs over vsock.
 
 The blocking API lives here; :mod:`fcvsock.aio` has the same calls for
-asyncio.  ``core_impl`` tells which frame core is in use: ``"cython"`` or
+asyncio.  ``core_impl`` names the frame core in use: ``"cython"`` or
 ``"python"`` (the latter when ``FCVSOCK_NO_EXTENSIONS=1`` is set or the
 compiled core did not import).
 """

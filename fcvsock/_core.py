@@ -2,7 +2,7 @@
 
 ``FCVSOCK_NO_EXTENSIONS=1`` (any non-empty value but ``0``) selects the twin.
 Otherwise the compiled module is used when it imports; when it does not,
-the twin is used and :data:`core_impl` says so.  Tests reach both modules
+the twin is used and :data:`core_impl` reports it.  Tests reach both modules
 through :data:`python_core` and :data:`cython_core`.
 """
 

@@ -58,7 +58,7 @@ class IncompleteFrameError(ProtocolError):
 
 
 class HandshakeError(ProtocolError):
-    """The VMM socket answered ``CONNECT`` with something other than ``OK``."""
+    """The VMM socket replied to ``CONNECT`` with something other than ``OK``."""
 
     def __init__(self, message: str, reply: bytes = b"") -> None:
         super().__init__(message)

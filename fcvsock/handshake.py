@@ -69,7 +69,7 @@ class Handshake:
 
     ``host_port`` is the number the VMM put in its ``OK`` reply (opaque:
     Firecracker and Cloud Hypervisor assign one, vhost-device-vsock echoes
-    the guest port).  ``initial_data`` holds guest bytes that arrived in the
+    the guest port).  ``initial_data`` contains guest bytes that arrived in the
     same read as the reply.  ``attempts`` counts connection attempts.
     """
 
@@ -265,7 +265,7 @@ def _connect_nonblocking(sock: socket.socket, path: str, deadline: float) -> Non
 
 def _send_line(sock: socket.socket, line: bytes) -> None:
     # Firecracker parses the line at the first readable event and drops a
-    # partial one, so it must go out in one write; a fresh socket's send
+    # partial one, so it must go out in one write.  A fresh socket's send
     # buffer always has room for it.  MSG_NOSIGNAL turns a write to a VMM that
     # already closed into EPIPE, so no SIGPIPE reaches the application.
     try:

@@ -1,4 +1,4 @@
-"""Large payload buffers: reused only when nobody else can see them."""
+"""Large payload buffers: reused only when no other reference exists."""
 
 from __future__ import annotations
 
